@@ -1,0 +1,29 @@
+# capvae: `make train` and `make test` set everything up from this repository.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.capvae-installed
+WORKDIR ?= runs/default
+
+.PHONY: install train test clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+## install: a local virtual environment in .venv with capvae and its pinned dependencies.
+install: $(STAMP)
+
+## train: the default experiment (configs/default.py), offline; resumes if $(WORKDIR) holds it.
+train: install
+	$(BIN)/python -m capvae.main --config configs/default.py --workdir $(WORKDIR)
+	$(BIN)/python experiments/summarize_run.py $(WORKDIR)
+
+## test: the test suite.
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,70 @@
+"""The train state of one member; a run holds a stack of them.
+
+``TrainState`` keeps params, optax state, the step and the member's traced
+hyperparameters. It holds no optimizer object: the optax transformation is
+rebuilt inside the step from the member's (traced) learning rate, so the
+learning rate has a single home, ``hparams``, and is checkpointed with it.
+The capacity C is not stored either; it is ``schedule(state.step)``, so it
+resumes exactly with the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct as struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from capvae import schedules
+
+# Scalars that may differ between members of one program (traced).
+HPARAM_NAMES = ('beta', 'gamma', 'c_max', 'c_anneal_steps', 'learning_rate', 'seed')
+INT_HPARAMS = frozenset({'c_anneal_steps', 'seed'})
+
+
+class Hparams(struct.PyTreeNode):
+  """One member's traced hyperparameters (scalars, or ``[M]`` when stacked)."""
+  beta: jax.Array
+  gamma: jax.Array
+  c_max: jax.Array
+  c_anneal_steps: jax.Array
+  learning_rate: jax.Array
+  seed: jax.Array
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  hparams: Hparams
+
+  def capacity(self, schedule: str) -> jax.Array:
+    """C at this state's step under the named schedule."""
+    return schedules.get(schedule, self.hparams.c_max,
+                         self.hparams.c_anneal_steps)(self.step)
+
+
+def make_optimizer(learning_rate, *, b1=0.9, b2=0.999, eps=1e-8):
+  """Adam with a (possibly traced) learning rate.
+
+  Adam's state does not depend on the learning rate, so one state serves a
+  transformation rebuilt at every step with the member's value.
+  """
+  return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def member_keys(seed):
+  """``(init_key, noise_key)`` derived from a member's integer seed."""
+  key = jax.random.key(seed)
+  return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+
+
+def create(model, hparams: Hparams, example_input, optimizer_kwargs) -> TrainState:
+  """A fresh train state for one member (vmap it over a stacked ``Hparams``)."""
+  init_key, noise_key = member_keys(hparams.seed)
+  params = model.init(init_key, example_input, noise_key)
+  tx = make_optimizer(hparams.learning_rate, **optimizer_kwargs)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params), hparams=hparams)

@@ -1,0 +1,178 @@
+"""Losses against closed forms, Monte Carlo, and the seed question's Keras code."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from capvae import losses
+
+RNG = np.random.default_rng(0)
+
+
+def _posterior(b=16, m=10, scale=1.0):
+  mean = RNG.normal(size=(b, m)).astype(np.float32) * scale
+  logvar = RNG.normal(size=(b, m)).astype(np.float32) * scale
+  return mean, logvar
+
+
+def test_gaussian_kl_matches_closed_form():
+  mean, logvar = _posterior()
+  sigma = np.exp(0.5 * logvar.astype(np.float64))
+  # KL(N(mu, s^2) || N(0, 1)) = -log s + (s^2 + mu^2) / 2 - 1/2.
+  expected = -np.log(sigma) + (sigma**2 + mean.astype(np.float64)**2) / 2 - 0.5
+  got = losses.gaussian_kl(jnp.asarray(mean), jnp.asarray(logvar))
+  assert got.shape == mean.shape
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gaussian_kl_matches_monte_carlo():
+  mean = np.array([0.0, 1.5, -0.7, 0.3])
+  logvar = np.array([0.0, -1.0, 0.8, -3.0])
+  n = 400_000
+  sigma = np.exp(0.5 * logvar)
+  z = mean + sigma * RNG.normal(size=(n, 4))
+  log_ratio = stats.norm.logpdf(z, mean, sigma) - stats.norm.logpdf(z)
+  mc, se = log_ratio.mean(0), log_ratio.std(0) / np.sqrt(n)
+  got = np.asarray(losses.gaussian_kl(jnp.asarray(mean, jnp.float32),
+                                      jnp.asarray(logvar, jnp.float32)))
+  assert np.all(np.abs(got - mc) < 5 * se + 1e-4), (got, mc, se)
+  assert got[0] == pytest.approx(0.0, abs=1e-7)  # q = p
+
+
+def test_bernoulli_nll_is_binary_cross_entropy_summed():
+  logits = RNG.normal(size=(4, 8, 8, 1)).astype(np.float32) * 3
+  x = (RNG.uniform(size=logits.shape) > 0.5).astype(np.float32)
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  expected = -(x * np.log(p) + (1 - x) * np.log1p(-p)).sum((1, 2, 3))
+  np.testing.assert_allclose(losses.bernoulli_nll(logits, x), expected, rtol=1e-5)
+
+
+def test_gaussian_nll_matches_scipy():
+  mean = RNG.normal(size=(3, 5, 5, 2)).astype(np.float32)
+  x = RNG.normal(size=mean.shape).astype(np.float32)
+  for var in (1.0, 0.25):
+    expected = -stats.norm.logpdf(x, mean, np.sqrt(var)).sum((1, 2, 3))
+    np.testing.assert_allclose(losses.gaussian_nll(mean, x, var), expected, rtol=1e-5)
+
+
+def test_raw_dim_mse_is_sum_of_squares_and_a_gaussian_nll():
+  mean = RNG.uniform(size=(3, 64, 64, 1)).astype(np.float32)
+  x = (RNG.uniform(size=mean.shape) > 0.5).astype(np.float32)
+  n = 64 * 64
+  keras_mse = np.mean((x - mean)**2, axis=(1, 2, 3))  # keras.losses.mse
+  got = np.asarray(losses.raw_dim_mse(mean, x))
+  np.testing.assert_allclose(got, n * keras_mse, rtol=1e-5)
+  np.testing.assert_allclose(got, ((x - mean)**2).sum((1, 2, 3)), rtol=1e-5)
+  # raw_dim * mse = Gaussian NLL with variance 1/2, less its constant N/2 log(pi).
+  nll = np.asarray(losses.gaussian_nll(mean, x, 0.5), np.float64)
+  np.testing.assert_allclose(got, nll - n / 2 * np.log(np.pi), rtol=1e-4)
+
+
+def _keras_a(z_mu, z_log_var, beta, capacity):
+  """Seed question, reduction A: mean over samples per latent, then sum."""
+  kl = 1 + z_log_var - z_mu**2 - np.exp(z_log_var)
+  kl = -0.5 * np.mean(kl, axis=0)
+  kl = np.sum(kl)
+  return beta * np.abs(kl - capacity)
+
+
+def _keras_b(z_mu, z_log_var, beta, capacity):
+  """Seed question, reduction B: sum over latents, then mean over samples."""
+  kl = 1 + z_log_var - z_mu**2 - np.exp(z_log_var)
+  kl = -0.5 * np.sum(kl, axis=1)
+  kl = np.mean(kl)
+  return beta * np.abs(kl - capacity)
+
+
+@pytest.mark.parametrize('capacity', [0.0, 3.0, 50.0])
+def test_keras_reductions_a_and_b_equal_capvae(capacity):
+  mean, logvar = _posterior(b=32, m=10)
+  a = _keras_a(mean.astype(np.float64), logvar.astype(np.float64), 4.0, capacity)
+  b = _keras_b(mean.astype(np.float64), logvar.astype(np.float64), 4.0, capacity)
+  np.testing.assert_allclose(a, b, rtol=1e-12)
+  kl = losses.gaussian_kl(jnp.asarray(mean), jnp.asarray(logvar))
+  loss, aux = losses.capacity_objective(jnp.zeros(32), kl, 4.0, capacity)
+  np.testing.assert_allclose(loss, a, rtol=1e-5)
+  np.testing.assert_allclose(aux['kl'], np.sum(np.mean(np.asarray(kl), 0)), rtol=1e-6)
+  np.testing.assert_allclose(aux['kl_minus_c'], aux['kl'] - capacity, rtol=1e-6, atol=1e-5)
+
+
+def test_per_example_abs_differs_when_examples_straddle_c():
+  # Two examples, KL 1 and 5 nats: the batch mean is exactly C = 3.
+  kl = jnp.array([[1.0], [5.0]])
+  rec = jnp.zeros(2)
+  batch, _ = losses.capacity_objective(rec, kl, 1.0, 3.0, penalty='abs')
+  per_ex, _ = losses.capacity_objective(rec, kl, 1.0, 3.0, penalty='abs_per_example')
+  sq, _ = losses.capacity_objective(rec, kl, 1.0, 3.0, penalty='squared')
+  assert float(batch) == pytest.approx(0.0)
+  assert float(per_ex) == pytest.approx(2.0)  # mean(|1-3|, |5-3|)
+  assert float(sq) == pytest.approx(0.0)
+  # When every example is on the same side of C the two abs forms agree.
+  kl = jnp.array([[4.0], [6.0]])
+  a, _ = losses.capacity_objective(rec, kl, 2.0, 3.0, penalty='abs')
+  b, _ = losses.capacity_objective(rec, kl, 2.0, 3.0, penalty='abs_per_example')
+  assert float(a) == pytest.approx(float(b)) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize('penalty', ['abs', 'abs_per_example', 'squared'])
+@pytest.mark.parametrize('capacity,direction', [(20.0, +1), (0.5, -1)])
+def test_capacity_gradient_pushes_kl_towards_c(penalty, capacity, direction):
+  mean, logvar = _posterior(b=8, m=4, scale=0.5)
+  params = (jnp.asarray(mean), jnp.asarray(logvar))
+
+  def kl_total(p):
+    return jnp.mean(jnp.sum(losses.gaussian_kl(*p), -1))
+
+  def loss(p):
+    return losses.capacity_objective(jnp.zeros(8), losses.gaussian_kl(*p), 1.0,
+                                     capacity, penalty=penalty)[0]
+
+  kl0 = float(kl_total(params))
+  assert (kl0 < capacity) == (direction > 0)  # the setting is what we claim
+  g = jax.grad(loss)(params)
+  stepped = jax.tree.map(lambda p, gp: p - 1e-3 * gp, params, g)
+  assert np.sign(float(kl_total(stepped)) - kl0) == direction
+  # The directional derivative of KL along -grad has the same sign.
+  dkl = jax.grad(kl_total)(params)
+  inner = sum(float(jnp.vdot(a, -b)) for a, b in zip(dkl, g))
+  assert np.sign(inner) == direction
+
+
+def test_beta_norm_for_dsprites():
+  # 10 latents on 64x64x1 inputs: beta_norm = beta * 10 / 4096.
+  assert losses.beta_norm(4.0, 10, 64 * 64 * 1) == pytest.approx(0.009765625)
+  assert losses.beta_norm(1.0, 10, 4096) == pytest.approx(10 / 4096)
+
+
+def test_normalised_beta_objective_is_the_summed_one_over_n():
+  b, m, n = 16, 10, 4096
+  mean, logvar = _posterior(b=b, m=m)
+  kl = losses.gaussian_kl(jnp.asarray(mean), jnp.asarray(logvar))
+  rec = jnp.asarray(RNG.uniform(100, 300, size=b), jnp.float32)
+  summed, aux = losses.beta_objective(rec, kl, 4.0)
+  normed, aux_n = losses.beta_objective(rec, kl, 4.0, normalized=True, input_size=n)
+  expected = np.mean(np.asarray(rec) + 4.0 * np.asarray(kl).sum(1))
+  np.testing.assert_allclose(summed, expected, rtol=1e-6)
+  np.testing.assert_allclose(normed * n, summed, rtol=1e-5)
+  np.testing.assert_allclose(aux_n['beta_norm'], 4.0 * m / n, rtol=1e-6)
+  assert float(aux['c']) == 0.0
+  with pytest.raises(ValueError, match='input_size'):
+    losses.beta_objective(rec, kl, 4.0, normalized=True)
+
+
+def test_objectives_return_named_aux_with_per_latent_kl():
+  mean, logvar = _posterior(b=8, m=6)
+  kl = losses.gaussian_kl(jnp.asarray(mean), jnp.asarray(logvar))
+  for loss, aux in (losses.capacity_objective(jnp.ones(8), kl, 10.0, 2.5),
+                    losses.beta_objective(jnp.ones(8), kl, 2.0)):
+    assert {'rec', 'kl', 'kl_per_latent', 'c', 'kl_minus_c', 'loss'} <= set(aux)
+    assert aux['kl_per_latent'].shape == (6,)
+    np.testing.assert_allclose(aux['kl_per_latent'].sum(), aux['kl'], rtol=1e-6)
+    assert float(aux['loss']) == float(loss)
+
+
+def test_unknown_penalty_is_refused():
+  with pytest.raises(ValueError, match="allowed"):
+    losses.capacity_objective(jnp.zeros(2), jnp.zeros((2, 3)), 1.0, 1.0, penalty='l1')
