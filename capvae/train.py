@@ -109,8 +109,8 @@ def make_train_step(model, spec: StepSpec):
     tx = ts.make_optimizer(state.hparams.learning_rate, **opt_kwargs)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    aux['grad_norm'] = optax.global_norm(grads)
-    aux['param_norm'] = optax.global_norm(params)
+    aux['grad_norm'] = optax.tree.norm(grads)
+    aux['param_norm'] = optax.tree.norm(params)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new, aux
 

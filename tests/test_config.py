@@ -1,0 +1,139 @@
+"""Configs load; bad input is refused before anything is compiled or written."""
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from capvae import config_lib, train
+from capvae.errors import ConfigError
+from conftest import ROOT, load_config
+
+
+@contextlib.contextmanager
+def count_compiles():
+  events = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if 'compile' in event:
+      events.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize('name', ['default', 'burgess_dsprites', 'higgins_dsprites', 'test'])
+def test_shipped_configs_are_valid(name):
+  config = load_config(name)
+  config_lib.validate(config)
+  assert config.num_steps > 0
+
+
+def test_paper_settings():
+  b = load_config('burgess_dsprites')
+  assert (b.objective, b.model, b.gamma, b.c_max, b.c_anneal_steps) == (
+      'capacity', 'burgess', 1000.0, 25.0, 100_000)
+  assert (b.learning_rate, b.batch_size, b.schedule, b.capacity_penalty) == (
+      5e-4, 64, 'linear', 'abs')
+  h = load_config('higgins_dsprites')
+  assert (h.objective, h.model, h.beta, h.latent_size) == ('beta', 'mlp', 4.0, 10)
+
+
+BAD = [
+    ('beta', -1.0, '>= 0'),
+    ('gamma', -5.0, '>= 0'),
+    ('c_max', -0.1, '>= 0'),
+    ('c_anneal_steps', 0, '> 0'),
+    ('latent_size', 0, '> 0'),
+    ('batch_size', -8, '> 0'),
+    ('num_steps', 0, '> 0'),
+    ('learning_rate', 0.0, '> 0'),
+    ('c_max', float('nan'), 'finite'),
+    ('seed', -1, '>= 0'),
+    ('model', 'resnet', "'burgess'"),
+    ('objective', 'vae', "'capacity'"),
+    ('reconstruction', 'l1', "'bernoulli'"),
+    ('dataset', 'mnist', "'dsprites'"),
+    ('capacity_penalty', 'huber', "'abs_per_example'"),
+    ('schedule', 'exp', "'cosine'"),
+    ('dataset_path', '/nonexistent/dsprites.npz', 'no dSprites file'),
+]
+
+
+@pytest.mark.parametrize('field,value,allowed', BAD)
+def test_bad_values_are_refused_before_compiling_or_writing(tmp_path, field, value, allowed):
+  config = load_config('test')
+  with config.unlocked():
+    config[field] = value
+  workdir = str(tmp_path / 'run')
+  with count_compiles() as compiles, pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(config, workdir)
+  message = str(e.value)
+  assert field in message and allowed in message, message
+  assert not compiles
+  assert not os.path.exists(workdir)
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path):
+  from test_data import _write_npz
+  path = str(tmp_path / 'small.npz')
+  _write_npz(path)  # 192 images
+  config = load_config('test')
+  config.dataset_path = path
+  config.batch_size = 256
+  with pytest.raises(ConfigError, match='batch_size = 256.*192'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(str(tmp_path / 'run'))
+
+
+def _snapshot(workdir):
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, 'rb') as fh:
+        out[os.path.relpath(p, workdir)] = (os.stat(p).st_mtime_ns, fh.read())
+  return out
+
+
+def test_workdir_of_another_run_is_refused_untouched(tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = load_config('test')
+  config.num_steps = 4
+  train.train_and_evaluate(config, workdir)
+  before = _snapshot(workdir)
+  assert any(k.startswith('checkpoints') for k in before)
+  other = load_config('test')
+  other.num_steps = 8
+  other.gamma = 10.0
+  with count_compiles() as compiles, pytest.raises(ConfigError, match=r'gamma: 1000.0 -> 10.0'):
+    train.train_and_evaluate(other, workdir)
+  assert not compiles
+  assert _snapshot(workdir) == before
+
+
+def test_checkpoints_without_a_config_are_refused(tmp_path):
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints' / '5').mkdir(parents=True)
+  with pytest.raises(ConfigError, match='no config.json'):
+    train.train_and_evaluate(load_config('test'), str(workdir))
+  assert os.listdir(workdir) == ['checkpoints']
+
+
+def test_cli_reports_bad_values_with_exit_code_2(tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'capvae.main', '--config', 'configs/test.py',
+       '--workdir', workdir, '--config.gamma=-3'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert 'config.gamma = -3.0: must be >= 0' in proc.stderr
+  assert not os.path.exists(workdir)

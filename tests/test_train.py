@@ -1,0 +1,196 @@
+"""The train step, the loop, checkpoints, exact resume and preemption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from capvae import data, losses, models, schedules, sweep, train
+from capvae import train_state as ts
+from conftest import ROOT, load_config
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_smoke_cli_runs_the_test_config(tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'capvae.main', '--config', 'configs/test.py',
+       '--workdir', workdir], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'steps/s' in proc.stderr and 'left' in proc.stderr  # progress lines
+  config = load_config('test')
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['c_max'] == config.c_max
+  with open(os.path.join(workdir, 'members.json')) as f:
+    assert json.load(f) == sweep.members(config)
+  rows = _rows(workdir)
+  assert [r['step'] for r in rows] == [0, 2, 4, 6, 8, 10, 11]
+  schedule = schedules.linear(config.c_max, config.c_anneal_steps)
+  for r in rows:
+    assert {'step', 'member', 'loss', 'rec', 'kl', 'kl_per_latent', 'c', 'kl_minus_c',
+            'steps_per_sec', 'gamma', 'c_max', 'seed'} <= set(r)
+    assert r['c'] == pytest.approx(float(schedule(r['step'])))
+    assert r['kl_minus_c'] == pytest.approx(r['kl'] - r['c'], abs=1e-5)
+    assert len(r['kl_per_latent']) == config.latent_size
+    assert sum(r['kl_per_latent']) == pytest.approx(r['kl'], rel=1e-4, abs=1e-6)
+    assert r['loss'] == pytest.approx(r['rec'] + config.gamma * abs(r['kl'] - r['c']), rel=1e-4)
+    assert r['steps_per_sec'] > 0
+  assert rows[-1]['rec'] < rows[0]['rec'] - 10  # it learns something
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  assert mngr.latest_step() == config.num_steps
+
+
+def _train(workdir, num_steps, **overrides):
+  config = load_config('test')
+  config.num_steps = num_steps
+  config.log_every = 1
+  for k, v in overrides.items():
+    config[k] = v
+  return train.train_and_evaluate(config, workdir)
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+  one_go = _train(str(tmp_path / 'a'), 8)
+  first = _train(str(tmp_path / 'b'), 4)
+  assert int(first.step[0]) == 4
+  resumed = _train(str(tmp_path / 'b'), 8)  # reruns the same workdir to 8
+  assert int(resumed.step[0]) == 8
+  for x, y in zip(jax.tree.leaves(one_go), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  strip = lambda rows: [{k: v for k, v in r.items() if k != 'steps_per_sec'} for r in rows]
+  rows_a, rows_b = strip(_rows(str(tmp_path / 'a'))), strip(_rows(str(tmp_path / 'b')))
+  assert [r['step'] for r in rows_b] == list(range(8))
+  assert rows_a == rows_b  # same C, KL, loss at every step
+  assert len({r['c'] for r in rows_a}) > 4  # C moved over those steps
+
+
+def _manual_member_step(model, spec, state, x):
+  """A second, un-vmapped implementation of one member's update."""
+  hp = state.hparams
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(hp.seed), 1), state.step)
+
+  def loss_fn(params):
+    logits, mean, logvar = model.apply(params, x, key)
+    rec = losses.bernoulli_nll(logits, x)
+    kl = jnp.sum(losses.gaussian_kl(mean, logvar), -1)
+    c = jnp.minimum(hp.c_max, hp.c_max * state.step / hp.c_anneal_steps)
+    return jnp.mean(rec) + hp.gamma * jnp.abs(jnp.mean(kl) - c)
+
+  grads = jax.grad(loss_fn)(state.params)
+  tx = optax.adam(hp.learning_rate, eps=dict(spec.optimizer_kwargs)['eps'])
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      opt_state=opt_state)
+  return new, loss_fn(state.params)
+
+
+def test_stacked_members_equal_separate_runs_and_a_manual_step():
+  config = load_config('test')
+  # With Adam's default eps a near-zero gradient whose sign flips under float
+  # noise (batched convolutions sum in another order) moves a full lr either
+  # way; eps = 1 keeps small updates linear in the gradient so the three
+  # implementations can be compared tightly.
+  config.adam_eps = 1.0
+  spec = train.StepSpec.from_config(config)
+  dataset = data.get('dsprites')
+  model = models.get('burgess', config.latent_size, dataset.observation_shape)
+  base = sweep.members(config)[0]
+  rows = [dict(base, member=0),
+          dict(base, member=1, gamma=50.0, c_max=7.0, c_anneal_steps=3,
+               learning_rate=1e-3, seed=5)]
+  step_fn = jax.jit(train.make_train_step(model, spec))
+  init = jax.jit(lambda h: train.init_states(model, h, dataset.observation_shape, spec))
+
+  both = init(sweep.stack(rows))
+  singles = [init(sweep.stack([r])) for r in rows]
+  manual = [jax.tree.map(lambda a: a[0], s) for s in singles]
+  for _ in range(3):
+    x = train.batch_at(dataset, both.step[0], spec)
+    manual, manual_loss = zip(*[_manual_member_step(model, spec, m, x) for m in manual])
+    both, metrics = step_fn(both, dataset)
+    single_out = [step_fn(s, dataset) for s in singles]
+    singles = [s for s, _ in single_out]
+    for i in range(2):
+      np.testing.assert_allclose(metrics['loss'][i], single_out[i][1]['loss'][0], rtol=1e-5)
+      np.testing.assert_allclose(metrics['loss'][i], manual_loss[i], rtol=1e-5)
+      np.testing.assert_allclose(metrics['kl'][i], single_out[i][1]['kl'][0], rtol=1e-4,
+                                 atol=1e-6)
+  assert not np.allclose(np.asarray(metrics['c'][0]), np.asarray(metrics['c'][1]))
+  for i in range(2):
+    member = jax.tree.map(lambda a: a[i], both)
+    for a, b, c in zip(jax.tree.leaves(member.params), jax.tree.leaves(singles[i].params),
+                       jax.tree.leaves(manual[i].params)):
+      np.testing.assert_allclose(a, b[0], rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-6)
+  # Different seeds give different initial parameters.
+  fresh = init(sweep.stack(rows)).params
+  assert any(not np.allclose(leaf[0], leaf[1]) for leaf in jax.tree.leaves(fresh))
+
+
+def test_hyperparameter_values_do_not_recompile():
+  config = load_config('test')
+  spec = train.StepSpec.from_config(config)
+  dataset = data.get('dsprites')
+  model = models.get('burgess', config.latent_size, dataset.observation_shape)
+  step_fn = jax.jit(train.make_train_step(model, spec))
+  init = jax.jit(lambda h: train.init_states(model, h, dataset.observation_shape, spec))
+  base = sweep.members(config)[0]
+  for gamma, c_max, lr in ((1000.0, 2.0, 5e-4), (10.0, 30.0, 1e-3)):
+    states = init(sweep.stack([dict(base, gamma=gamma, c_max=c_max, learning_rate=lr)]))
+    step_fn(states, dataset)
+  assert step_fn._cache_size() == 1
+  assert init._cache_size() == 1
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'capvae.main', '--config', 'configs/test.py', '--workdir',
+       workdir, '--config.num_steps=100000', '--config.checkpoint_every=100000',
+       '--config.log_every=1'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 120
+  while time.time() < deadline:
+    if os.path.exists(metrics) and len(_rows(workdir)) >= 3:
+      break
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  assert 'rerun the same command to resume' in out
+  saved = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')).latest_step()
+  rows = _rows(workdir)
+  assert saved is not None and 3 <= saved < 100000
+  assert rows[-1]['step'] == saved - 1  # the log and the checkpoint agree
+  resumed = _train(workdir, saved + 2, checkpoint_every=100000)
+  assert int(resumed.step[0]) == saved + 2
+  assert [r['step'] for r in _rows(workdir)] == list(range(saved + 2))
+
+
+def test_divergence_fails_loudly_and_keeps_the_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _train(workdir, 4)
+  before = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')).all_steps()
+  config = load_config('test')
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['learning_rate'] == config.learning_rate
+  # A fresh run whose learning rate makes the parameters overflow.
+  bad = str(tmp_path / 'bad')
+  with pytest.raises(FloatingPointError, match='member'):
+    _train(bad, 40, learning_rate=1e30)
+  assert ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')).all_steps() == before
