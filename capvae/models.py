@@ -18,66 +18,58 @@ import jax
 import jax.numpy as jnp
 
 
-class BurgessEncoder(nn.Module):
-  """Burgess et al. 2018: 4× conv 32 k4 s2, 2× FC 256, 2·M outputs."""
+class ConvEncoder(nn.Module):
+  """Strided convolutions (each halving the image), then dense layers, then 2·M outputs."""
   latent_size: int
+  convs: Sequence[tuple[int, int]]  # (features, kernel size), stride 2 each
+  dense: Sequence[int]
 
   @nn.compact
   def __call__(self, x):
-    for _ in range(4):
-      x = nn.relu(nn.Conv(32, (4, 4), strides=(2, 2), padding='SAME')(x))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(256)(x))
-    x = nn.relu(nn.Dense(256)(x))
-    out = nn.Dense(2 * self.latent_size)(x)
-    return out[:, :self.latent_size], out[:, self.latent_size:]
-
-
-class BurgessDecoder(nn.Module):
-  """The transpose of :class:`BurgessEncoder`: FC 256, 256, 4·4·32, 4 deconvs."""
-  image_shape: Sequence[int]
-
-  @nn.compact
-  def __call__(self, z):
-    h, w, c = self.image_shape
-    base_h, base_w = h // 16, w // 16
-    x = nn.relu(nn.Dense(256)(z))
-    x = nn.relu(nn.Dense(256)(x))
-    x = nn.relu(nn.Dense(base_h * base_w * 32)(x))
-    x = x.reshape(z.shape[0], base_h, base_w, 32)
-    for _ in range(3):
-      x = nn.relu(nn.ConvTranspose(32, (4, 4), strides=(2, 2), padding='SAME')(x))
-    return nn.ConvTranspose(c, (4, 4), strides=(2, 2), padding='SAME')(x)
-
-
-class LocatelloEncoder(nn.Module):
-  """disentanglement_lib ``conv_encoder``: conv 32,32 (k4) and 64,64 (k2), s2; FC 256."""
-  latent_size: int
-
-  @nn.compact
-  def __call__(self, x):
-    for features, k in ((32, 4), (32, 4), (64, 2), (64, 2)):
+    for features, k in self.convs:
       x = nn.relu(nn.Conv(features, (k, k), strides=(2, 2), padding='SAME')(x))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(256)(x))
+    for width in self.dense:
+      x = nn.relu(nn.Dense(width)(x))
     out = nn.Dense(2 * self.latent_size)(x)
     return out[:, :self.latent_size], out[:, self.latent_size:]
 
 
-class LocatelloDecoder(nn.Module):
-  """disentanglement_lib ``deconv_decoder``: FC 256, 1024 → 4×4×64, deconv 64, 32, 32, C."""
+class ConvDecoder(nn.Module):
+  """Dense layers to an (H/16)×(W/16) map, then 4 transposed convs (k4 s2) to the image."""
   image_shape: Sequence[int]
+  dense: Sequence[int]
+  base_features: int
+  deconvs: Sequence[int]  # features of the first three transposed convs
 
   @nn.compact
   def __call__(self, z):
     h, w, c = self.image_shape
     base_h, base_w = h // 16, w // 16
-    x = nn.relu(nn.Dense(256)(z))
-    x = nn.relu(nn.Dense(base_h * base_w * 64)(x))
-    x = x.reshape(z.shape[0], base_h, base_w, 64)
-    for features in (64, 32, 32):
+    x = z
+    for width in self.dense:
+      x = nn.relu(nn.Dense(width)(x))
+    x = nn.relu(nn.Dense(base_h * base_w * self.base_features)(x))
+    x = x.reshape(z.shape[0], base_h, base_w, self.base_features)
+    for features in self.deconvs:
       x = nn.relu(nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding='SAME')(x))
     return nn.ConvTranspose(c, (4, 4), strides=(2, 2), padding='SAME')(x)
+
+
+def burgess(latent_size, image_shape):
+  """Burgess et al. 2018: 4× conv 32 k4 s2, 2× FC 256; the transpose to decode."""
+  return (ConvEncoder(latent_size, convs=((32, 4),) * 4, dense=(256, 256)),
+          ConvDecoder(image_shape, dense=(256, 256), base_features=32, deconvs=(32, 32, 32)))
+
+
+def locatello(latent_size, image_shape):
+  """disentanglement_lib ``conv_encoder`` / ``deconv_decoder``.
+
+  Encoder conv 32 k4, 32 k4, 64 k2, 64 k2 (all s2), FC 256; decoder FC 256,
+  FC 1024 → 4×4×64, deconv 64, 32, 32, C (all k4 s2).
+  """
+  return (ConvEncoder(latent_size, convs=((32, 4), (32, 4), (64, 2), (64, 2)), dense=(256,)),
+          ConvDecoder(image_shape, dense=(256,), base_features=64, deconvs=(64, 32, 32)))
 
 
 class MLPEncoder(nn.Module):
@@ -131,11 +123,12 @@ class VAE(nn.Module):
     return self.decoder(z)
 
 
-_MODELS = {
-    'burgess': (BurgessEncoder, BurgessDecoder),
-    'locatello': (LocatelloEncoder, LocatelloDecoder),
-    'mlp': (MLPEncoder, MLPDecoder),
-}
+def mlp(latent_size, image_shape):
+  """Higgins et al. 2017: MLP 1200-1200 encoder, 1200-1200-1200 tanh decoder."""
+  return MLPEncoder(latent_size), MLPDecoder(image_shape)
+
+
+_MODELS = {'burgess': burgess, 'locatello': locatello, 'mlp': mlp}
 MODELS = tuple(_MODELS)
 
 
@@ -148,5 +141,4 @@ def get(name: str, latent_size: int, image_shape: Sequence[int]) -> VAE:
     raise ValueError(
         f'model {name!r} needs image height and width divisible by 16, got'
         f' {image_shape}.')
-  enc, dec = _MODELS[name]
-  return VAE(enc(latent_size), dec(image_shape))
+  return VAE(*_MODELS[name](latent_size, image_shape))

@@ -287,40 +287,43 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   logging.info('Compiled the train step for %d member(s) in %.1fs.',
                len(member_rows), time.perf_counter() - t0)
 
-  with _Preemption() as preemption, open(metrics_path, 'a') as log:
-    t_start, step_start = time.perf_counter(), step
-    t_last, step_last = t_start, step
-    while step < num_steps:
-      # Metrics are those of the update *at* optimizer step `step` (C, loss,
-      # noise and batch all indexed by it); the state then moves to step + 1.
-      states, metrics = compiled(states, dataset)
-      logged = step
-      step += 1
-      stop = preemption.requested or mngr.reached_preemption(step)
-      if logged % config.log_every == 0 or step == num_steps or stop:
-        now = time.perf_counter()
-        rate = (step - step_last) / max(now - t_last, 1e-9)
-        t_last, step_last = now, step
-        rows = metric_rows(logged, member_rows, metrics, rate)
-        bad = [r['member'] for r in rows if not np.isfinite(r['loss'])]
-        if bad:
-          raise FloatingPointError(
-              f'Non-finite loss for member(s) {bad} at step {logged}; the last'
-              ' checkpoint is kept.')
-        for row in rows:
-          log.write(json.dumps(row) + '\n')
-        log.flush()
-        mean_rate = (step - step_start) / max(now - t_start, 1e-9)
-        r0 = rows[0]
-        logging.info(
-            'step %d/%d  loss %.2f  rec %.2f  kl %.2f  C %.2f  |  %.2f steps/s,'
-            ' %s left', logged, num_steps, r0['loss'], r0['rec'], r0['kl'],
-            r0['c'], rate, _format_duration((num_steps - step) / mean_rate))
-      if step % config.checkpoint_every == 0 or step == num_steps or stop:
-        mngr.save(step, args=ocp.args.StandardSave(states))
-      if stop:
-        logging.warning('Stopped at step %d; rerun the same command to resume.', step)
-        break
-  mngr.wait_until_finished()
-  mngr.close()
+  try:
+    with _Preemption() as preemption, open(metrics_path, 'a') as log:
+      t_start, step_start = time.perf_counter(), step
+      t_last, step_last = t_start, step
+      while step < num_steps:
+        # Metrics are those of the update *at* optimizer step `step` (C, loss,
+        # noise and batch all indexed by it); the state then moves to step + 1.
+        states, metrics = compiled(states, dataset)
+        logged = step
+        step += 1
+        stop = preemption.requested or mngr.reached_preemption(step)
+        if logged % config.log_every == 0 or step == num_steps or stop:
+          now = time.perf_counter()
+          rate = (step - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          rows = metric_rows(logged, member_rows, metrics, rate)
+          bad = [r['member'] for r in rows if not np.isfinite(r['loss'])]
+          if bad:
+            raise FloatingPointError(
+                f'Non-finite loss for member(s) {bad} at step {logged}; the last'
+                ' checkpoint is kept.')
+          for row in rows:
+            log.write(json.dumps(row) + '\n')
+          log.flush()
+          mean_rate = (step - step_start) / max(now - t_start, 1e-9)
+          r0 = rows[0]
+          logging.info(
+              'step %d/%d  loss %.2f  rec %.2f  kl %.2f  C %.2f  |  %.2f steps/s,'
+              ' %s left', logged, num_steps, r0['loss'], r0['rec'], r0['kl'],
+              r0['c'], rate, _format_duration((num_steps - step) / mean_rate))
+        if step % config.checkpoint_every == 0 or step == num_steps or stop:
+          mngr.save(step, args=ocp.args.StandardSave(states))
+        if stop:
+          logging.warning('Stopped at step %d; rerun the same command to resume.', step)
+          break
+  finally:
+    # Also on an error: let an in-flight save finish so no checkpoint is torn.
+    mngr.wait_until_finished()
+    mngr.close()
   return states

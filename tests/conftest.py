@@ -3,8 +3,6 @@
 import os
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (registers nothing; import check)
-
 from capvae import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
