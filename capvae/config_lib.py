@@ -10,16 +10,21 @@ import math
 import numbers
 from typing import Any, Mapping
 
-from capvae import data, losses, models, schedules
+from capvae import data, losses, models, schedules, train_state
 from capvae.errors import ConfigError
 
 OPTIMIZERS = ('adam',)
+# How a device runs its members: 'map' one after another (each exactly as a
+# single run computes it), 'vmap' batched together, 'auto' = map on CPU and
+# vmap on accelerators.
+MEMBER_LOOPS = ('auto', 'map', 'vmap')
 
 # Fields that do not change the training trajectory: where a run stops and how
 # it reports. A workdir may be rerun with new values of these (e.g. a larger
 # num_steps to continue training); any other difference is refused.
+# num_devices is here too: where members run does not change their numbers.
 BOOKKEEPING_FIELDS = frozenset(
-    {'num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'})
+    {'num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'num_devices'})
 
 
 def _get(config, name):
@@ -29,17 +34,21 @@ def _get(config, name):
     raise ConfigError(f'config.{name} is missing.') from None
 
 
-def _number(config, name, *, lo=None, lo_open=False, integer=False):
-  v = _get(config, name)
+def _check_number(label, v, *, lo=None, lo_open=False, hi_open=None, integer=False):
   kind = 'an integer' if integer else 'a number'
   if isinstance(v, bool) or not isinstance(v, numbers.Real) or (
       integer and not isinstance(v, numbers.Integral)):
-    raise ConfigError(f'config.{name} = {v!r}: must be {kind}.')
+    raise ConfigError(f'{label} = {v!r}: must be {kind}.')
   if not math.isfinite(v):
-    raise ConfigError(f'config.{name} = {v!r}: must be finite.')
+    raise ConfigError(f'{label} = {v!r}: must be finite.')
   if lo is not None and (v <= lo if lo_open else v < lo):
-    raise ConfigError(
-        f'config.{name} = {v!r}: must be {">" if lo_open else ">="} {lo}.')
+    raise ConfigError(f'{label} = {v!r}: must be {">" if lo_open else ">="} {lo}.')
+  if hi_open is not None and not v < hi_open:
+    raise ConfigError(f'{label} = {v!r}: must be < {hi_open}.')
+
+
+def _number(config, name, **rule):
+  _check_number(f'config.{name}', _get(config, name), **rule)
 
 
 def _choice(config, name, allowed):
@@ -47,6 +56,32 @@ def _choice(config, name, allowed):
   if v not in allowed:
     raise ConfigError(
         f'config.{name} = {v!r} is unknown; allowed: {", ".join(map(repr, allowed))}.')
+
+
+# The range of every numeric field; sweep values obey the same rules.
+NUMBER_RULES = {
+    'beta': dict(lo=0.0),
+    'gamma': dict(lo=0.0),
+    'c_max': dict(lo=0.0),
+    'learning_rate': dict(lo=0.0, lo_open=True),
+    'gaussian_variance': dict(lo=0.0, lo_open=True),
+    'adam_b1': dict(lo=0.0, hi_open=1),
+    'adam_b2': dict(lo=0.0, hi_open=1),
+    'adam_eps': dict(lo=0.0, lo_open=True),
+    'c_anneal_steps': dict(lo=0, lo_open=True, integer=True),
+    'latent_size': dict(lo=0, lo_open=True, integer=True),
+    'batch_size': dict(lo=0, lo_open=True, integer=True),
+    'num_steps': dict(lo=0, lo_open=True, integer=True),
+    'log_every': dict(lo=0, lo_open=True, integer=True),
+    'checkpoint_every': dict(lo=0, lo_open=True, integer=True),
+    'keep_checkpoints': dict(lo=0, lo_open=True, integer=True),
+    'chunk_size': dict(lo=0, integer=True),
+    'num_devices': dict(lo=0, integer=True),
+    'seed': dict(lo=0, hi_open=2**31, integer=True),
+    'data_seed': dict(lo=0, hi_open=2**31, integer=True),
+}
+
+SWEEP_KINDS = ('product', 'zip')
 
 
 def validate(config) -> None:
@@ -58,26 +93,68 @@ def validate(config) -> None:
   _choice(config, 'capacity_penalty', tuple(losses.CAPACITY_PENALTIES))
   _choice(config, 'schedule', tuple(schedules.SCHEDULES))
   _choice(config, 'optimizer', OPTIMIZERS)
+  _choice(config, 'member_loop', MEMBER_LOOPS)
   if not isinstance(_get(config, 'dataset_path'), str):
     raise ConfigError('config.dataset_path must be a string (empty: procedural).')
   if not isinstance(_get(config, 'beta_norm'), bool):
     raise ConfigError('config.beta_norm must be True or False.')
-  for name in ('beta', 'gamma', 'c_max'):
-    _number(config, name, lo=0.0)
-  for name in ('learning_rate', 'gaussian_variance'):
-    _number(config, name, lo=0.0, lo_open=True)
-  for name in ('adam_b1', 'adam_b2'):
-    _number(config, name, lo=0.0)
-    if not _get(config, name) < 1:
-      raise ConfigError(f'config.{name} = {config[name]!r}: must be in [0, 1).')
-  _number(config, 'adam_eps', lo=0.0, lo_open=True)
-  for name in ('c_anneal_steps', 'latent_size', 'batch_size', 'num_steps',
-               'log_every', 'checkpoint_every', 'keep_checkpoints'):
-    _number(config, name, lo=0, lo_open=True, integer=True)
-  for name in ('seed', 'data_seed'):
-    _number(config, name, lo=0, integer=True)
-    if _get(config, name) >= 2**31:
-      raise ConfigError(f'config.{name} = {config[name]!r}: must be < 2**31.')
+  for name, rule in NUMBER_RULES.items():
+    _number(config, name, **rule)
+  validate_sweep(config)
+
+
+def validate_sweep(config) -> None:
+  """Checks ``config.sweep``: which fields vary, and over which values."""
+  sweep = _get(config, 'sweep')
+  if not hasattr(sweep, 'keys'):
+    raise ConfigError('config.sweep must be a ConfigDict with optional fields'
+                      ' "product" and "zip".')
+  unknown = sorted(set(sweep.keys()) - set(SWEEP_KINDS))
+  if unknown:
+    raise ConfigError(f'config.sweep.{unknown[0]} is unknown; allowed:'
+                      f' {", ".join(SWEEP_KINDS)}.')
+  seen = {}
+  for kind in SWEEP_KINDS:
+    block = sweep.get(kind) or {}
+    if not hasattr(block, 'items'):
+      raise ConfigError(f'config.sweep.{kind} must map field names to lists of values.')
+    lengths = {}
+    for name, values in block.items():
+      label = f'config.sweep.{kind}.{name}'
+      if name not in train_state.HPARAM_NAMES:
+        if name in dict(config):
+          raise ConfigError(
+              f'{label}: {name!r} changes the compiled program (shapes, the'
+              ' objective or the data), so it cannot vary inside one sweep;'
+              f' run one sweep per value. Fields that can vary:'
+              f' {", ".join(train_state.HPARAM_NAMES)}.')
+        raise ConfigError(f'{label}: no such field; fields that can vary:'
+                          f' {", ".join(train_state.HPARAM_NAMES)}.')
+      if name in seen:
+        raise ConfigError(f'{label}: {name!r} is already swept in'
+                          f' config.sweep.{seen[name]}.')
+      seen[name] = kind
+      if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise ConfigError(f'{label} = {values!r}: must be a list of values.')
+      if not values:
+        raise ConfigError(f'{label} is empty: give at least one value.')
+      for i, v in enumerate(values):
+        _check_number(f'{label}[{i}]', v, **NUMBER_RULES[name])
+      lengths[name] = len(values)
+    if kind == 'zip' and len(set(lengths.values())) > 1:
+      raise ConfigError('config.sweep.zip lists must have equal lengths; got '
+                        + ', '.join(f'{k}: {n}' for k, n in lengths.items()) + '.')
+
+
+def check_devices(config, num_devices: int, num_processes: int) -> None:
+  """``config.num_devices`` against the devices this run can see."""
+  n = config.num_devices
+  if n > num_devices:
+    raise ConfigError(f'config.num_devices = {n}: only {num_devices} device(s) are'
+                      ' visible; use 0 (all) or fewer.')
+  if n and num_processes > 1 and n != num_devices:
+    raise ConfigError(f'config.num_devices = {n}: a multi-process run uses all'
+                      f' {num_devices} devices; use 0.')
 
 
 def check_against_dataset(config, dataset) -> None:

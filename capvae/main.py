@@ -8,21 +8,37 @@ This file is intentionally kept short: the logic lives in
 """
 
 import logging as pylogging
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+import jax
 
 from capvae import config_lib
 from capvae import train
 
 FLAGS = flags.FLAGS
+
+
+def _env_int(name):
+  value = os.environ.get(name)
+  return int(value) if value else None
+
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and the report.')
 config_flags.DEFINE_config_file(
     'config', None, 'Training configuration file (a get_config() module).',
     lock_config=True)
+flags.DEFINE_string(
+    'coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
+    'Multi-host: host:port of process 0 for jax.distributed (env'
+    ' JAX_COORDINATOR_ADDRESS). Unset: a single process.')
+flags.DEFINE_integer('num_processes', _env_int('JAX_NUM_PROCESSES'),
+                     'Multi-host: the number of processes (env JAX_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', _env_int('JAX_PROCESS_ID'),
+                     'Multi-host: this process\'s index (env JAX_PROCESS_ID).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -35,6 +51,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  if FLAGS.coordinator_address:
+    if FLAGS.num_processes is None or FLAGS.process_id is None:
+      print('capvae: error: --coordinator_address needs --num_processes and'
+            ' --process_id.', file=sys.stderr)
+      sys.exit(2)
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except config_lib.ConfigError as e:

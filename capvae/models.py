@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from capvae import layers
+
 
 class ConvEncoder(nn.Module):
   """Strided convolutions (each halving the image), then dense layers, then 2·M outputs."""
@@ -26,8 +28,8 @@ class ConvEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    for features, k in self.convs:
-      x = nn.relu(nn.Conv(features, (k, k), strides=(2, 2), padding='SAME')(x))
+    for i, (features, k) in enumerate(self.convs):
+      x = nn.relu(layers.Conv(features, (k, k), strides=(2, 2), name=f'Conv_{i}')(x))
     x = x.reshape(x.shape[0], -1)
     for width in self.dense:
       x = nn.relu(nn.Dense(width)(x))
@@ -51,9 +53,9 @@ class ConvDecoder(nn.Module):
       x = nn.relu(nn.Dense(width)(x))
     x = nn.relu(nn.Dense(base_h * base_w * self.base_features)(x))
     x = x.reshape(z.shape[0], base_h, base_w, self.base_features)
-    for features in self.deconvs:
-      x = nn.relu(nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding='SAME')(x))
-    return nn.ConvTranspose(c, (4, 4), strides=(2, 2), padding='SAME')(x)
+    for i, features in enumerate(self.deconvs):
+      x = nn.relu(layers.ConvTranspose(features, name=f'ConvTranspose_{i}')(x))
+    return layers.ConvTranspose(c, name=f'ConvTranspose_{len(self.deconvs)}')(x)
 
 
 def burgess(latent_size, image_shape):

@@ -13,7 +13,9 @@ orbax, resuming exactly after a stop or a preemption signal.
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -40,7 +42,6 @@ class StepSpec:
   """The static (shape- or program-changing) part of a run's config."""
   objective: str
   reconstruction: str
-  gaussian_variance: float
   capacity_penalty: str
   schedule: str
   beta_norm: bool
@@ -53,7 +54,6 @@ class StepSpec:
     return cls(
         objective=config.objective,
         reconstruction=config.reconstruction,
-        gaussian_variance=float(config.gaussian_variance),
         capacity_penalty=config.capacity_penalty,
         schedule=config.schedule,
         beta_norm=bool(config.beta_norm),
@@ -65,16 +65,17 @@ class StepSpec:
     )
 
 
-def reconstruction_fn(spec: StepSpec) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def reconstruction(spec: StepSpec, out, x, hparams: ts.Hparams):
+  """Per-example reconstruction loss of the config's kind."""
   if spec.reconstruction == 'gaussian':
-    return lambda out, x: losses.gaussian_nll(out, x, spec.gaussian_variance)
-  return losses.RECONSTRUCTIONS[spec.reconstruction]
+    return losses.gaussian_nll(out, x, hparams.gaussian_variance)
+  return losses.RECONSTRUCTIONS[spec.reconstruction](out, x)
 
 
 def member_loss(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec):
   """One member's ``(loss, aux)`` on batch ``x`` at optimizer step ``step``."""
   out, mean, logvar = model.apply(params, x, key)
-  rec = reconstruction_fn(spec)(out, x)
+  rec = reconstruction(spec, out, x, hparams)
   kl = losses.gaussian_kl(mean, logvar)
   if spec.objective == 'beta':
     return losses.beta_objective(rec, kl, hparams.beta, normalized=spec.beta_norm,
@@ -90,13 +91,18 @@ def batch_at(dataset: data.GroundTruthDataset, step, spec: StepSpec):
   return dataset.render(dataset.sample_factors(key, spec.batch_size))
 
 
-def make_train_step(model, spec: StepSpec):
-  """Returns the pure step ``(states, dataset) -> (states, metrics)``.
+def _all_finite(*trees) -> jax.Array:
+  leaves = [l for t in trees for l in jax.tree.leaves(t)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves]))
 
-  ``states`` is a :class:`TrainState` stacked on a leading member axis. The
-  step's randomness is a function of ``(data_seed, step)`` for the batch and
-  ``(member seed, step)`` for the reparameterisation noise, so resuming from a
-  checkpoint replays exactly the same stream.
+
+def make_member_step(model, spec: StepSpec):
+  """One member's update ``(state, x) -> (state, aux)`` on the shared batch ``x``.
+
+  An update whose loss, gradients or new parameters are not all finite is not
+  applied: the member is frozen at its last finite parameters (see
+  :class:`~capvae.train_state.TrainState`), and the other members are not
+  touched by it.
   """
   opt_kwargs = dict(spec.optimizer_kwargs)
 
@@ -104,22 +110,99 @@ def make_train_step(model, spec: StepSpec):
     _, noise_key = ts.member_keys(state.hparams.seed)
     key = jax.random.fold_in(noise_key, state.step)
     grad_fn = jax.value_and_grad(member_loss, has_aux=True)
-    (_, aux), grads = grad_fn(state.params, model, state.hparams, state.step, x,
-                              key, spec)
+    (loss, aux), grads = grad_fn(state.params, model, state.hparams, state.step, x,
+                                 key, spec)
     tx = ts.make_optimizer(state.hparams.learning_rate, **opt_kwargs)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = _all_finite(loss, grads, params)
+    live = finite & ~state.frozen
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(live, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    frozen = state.frozen | ~finite
+    frozen_step = jnp.where(state.frozen | finite, state.frozen_step, state.step)
     aux['grad_norm'] = optax.tree.norm(grads)
     aux['param_norm'] = optax.tree.norm(params)
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    aux['frozen'] = frozen
+    aux['frozen_step'] = frozen_step
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        frozen=frozen, frozen_step=frozen_step)
     return new, aux
 
-  def train_step(states: ts.TrainState, dataset):
-    # Members always advance together, so member 0's step is everyone's.
-    x = batch_at(dataset, states.step[0], spec)
-    return jax.vmap(member_step, in_axes=(0, None))(states, x)
+  return member_step
 
-  return train_step
+
+def resolve_member_loop(member_loop: str, platform: str | None = None) -> str:
+  """``'auto'`` is ``'map'`` on CPU and ``'vmap'`` on GPU and TPU."""
+  if member_loop != 'auto':
+    return member_loop
+  platform = platform or jax.default_backend()
+  return 'map' if platform == 'cpu' else 'vmap'
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh with axis ``'member'`` over ``devices`` (default: all, every host)."""
+  devices = jax.devices() if devices is None else devices
+  return jax.sharding.Mesh(np.asarray(devices), ('member',))
+
+
+def _loop_members(fn, states):
+  """``lax.map(fn, states)``, compiled the same way whatever the member count.
+
+  A member's result must not depend on how many members share its device
+  (member i of a sweep ends bit for bit where a single run ends). XLA
+  specialises a loop of one trip, and a slice of an axis of length one, and
+  fuses the member's arithmetic differently then; so the stack gets one spare
+  row (never computed, dropped at the end) and the trip count is made opaque
+  to the compiler. The loop body is then the same program for any count.
+  """
+  num = jax.tree.leaves(states)[0].shape[0]
+  spare = jax.tree.map(lambda a: jnp.concatenate([a, a[:1]]), states)
+  trips = num + jnp.minimum(states.step[0], 0)  # == num: steps are never negative
+  out_shape = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], states))
+  outputs = jax.tree.map(lambda s: jnp.zeros((num + 1, *s.shape), s.dtype), out_shape)
+
+  def body(i, outputs):
+    out = fn(jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), spare))
+    return jax.tree.map(
+        lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0), outputs, out)
+
+  outputs = jax.lax.fori_loop(0, trips, body, outputs)
+  return jax.tree.map(lambda a: a[:num], outputs)
+
+
+def make_train_step(model, spec: StepSpec, member_loop: str = 'map',
+                    mesh: jax.sharding.Mesh | None = None):
+  """Returns the pure step ``(states, dataset) -> (states, metrics)``.
+
+  ``states`` is a :class:`TrainState` stacked on a leading member axis, which
+  is split over the devices of ``mesh`` (``shard_map``; no communication: the
+  members are independent, and every device renders the shared batch itself).
+  On each device the local members run one after another (``'map'``: each is
+  computed exactly as a single run computes it, so a member's result does not
+  depend on the others, bit for bit) or batched (``'vmap'``: fewer, larger
+  kernels, which is what an accelerator wants).
+
+  The step's randomness is a function of ``(data_seed, step)`` for the batch and
+  ``(member seed, step)`` for the reparameterisation noise, so resuming from a
+  checkpoint replays exactly the same stream.
+  """
+  member_step = make_member_step(model, spec)
+  member_loop = resolve_member_loop(member_loop)
+
+  def local_step(states: ts.TrainState, dataset):
+    # Members always advance together, so the first one's step is everyone's.
+    x = batch_at(dataset, states.step[0], spec)
+    if member_loop == 'vmap':
+      return jax.vmap(member_step, in_axes=(0, None))(states, x)
+    return _loop_members(lambda s: member_step(s, x), states)
+
+  if mesh is None:
+    return local_step
+  member = jax.sharding.PartitionSpec('member')
+  return jax.shard_map(local_step, mesh=mesh,
+                       in_specs=(member, jax.sharding.PartitionSpec()),
+                       out_specs=member, check_vma=False)
 
 
 def init_states(model, hparams: ts.Hparams, observation_shape, spec: StepSpec):
@@ -170,27 +253,38 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
-def _truncate_metrics(path: str, restored_step: int) -> None:
-  """Drops log rows of steps not in the restored state (after its checkpoint)."""
+def _truncate_metrics(path: str, member_ids, restored_step: int) -> None:
+  """Drops these members' log rows of steps after their restored checkpoint."""
   if not os.path.exists(path):
     return
+  member_ids = set(member_ids)
   with open(path) as f:
     rows = [line for line in f if line.strip()]
-  keep = [r for r in rows if json.loads(r)['step'] < restored_step]
-  if len(keep) != len(rows):
+  def keep(line):
+    r = json.loads(line)
+    return r['member'] not in member_ids or r['step'] < restored_step
+  kept = [r for r in rows if keep(r)]
+  if len(kept) != len(rows):
     with open(path + '.tmp', 'w') as f:
-      f.writelines(keep)
+      f.writelines(kept)
     os.replace(path + '.tmp', path)
 
 
 def _to_python(v):
+  """A JSON-ready value; non-finite floats become ``None`` (JSON has no NaN)."""
   v = np.asarray(v)
+  if v.dtype.kind == 'f':
+    clean = lambda e: e if math.isfinite(e) else None
+    return [clean(e) for e in v.tolist()] if v.ndim else clean(v.item())
   return v.tolist() if v.ndim else v.item()
 
 
 def metric_rows(step: int, member_rows, metrics, steps_per_sec: float):
-  """One JSON-ready row per member: its id, hyperparameters and metrics."""
-  metrics = jax.device_get(metrics)
+  """One JSON-ready row per member: its id, hyperparameters and metrics.
+
+  ``metrics`` are host arrays with a leading member axis; rows beyond
+  ``len(member_rows)`` (padding) are dropped.
+  """
   rows = []
   for i, member in enumerate(member_rows):
     row = {'step': step, **member}
@@ -198,6 +292,27 @@ def metric_rows(step: int, member_rows, metrics, steps_per_sec: float):
     row['steps_per_sec'] = steps_per_sec
     rows.append(row)
   return rows
+
+
+def _fetch(tree):
+  """Host copies of (possibly multi-host) global arrays, on every process."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def _format_duration(seconds: float) -> str:
@@ -239,91 +354,273 @@ class _Preemption:
 # --------------------------------------------------------------------------
 
 
+def _manager(workdir: str, chunk: int, keep: int | None = None, create=True):
+  path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR, f'chunk_{chunk:03d}'))
+  return ocp.CheckpointManager(
+      path, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
+      item_handlers=ocp.StandardCheckpointHandler())
+
+
+def _saved_rows(mngr, step: int) -> int:
+  """The length of the member axis in a saved checkpoint."""
+  meta = mngr.item_metadata(step)
+  return int(getattr(meta, 'tree', meta)['step'].shape[0])
+
+
+def _with_sharding(abstract, rows: int, sharding):
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct((rows, *a.shape[1:]), a.dtype, sharding=sharding),
+      abstract)
+
+
+def relayout(states, num_real: int, rows: int):
+  """The first ``num_real`` members of ``states``, padded to ``rows`` with copies
+  of the last one (the layout :func:`sweep.pad` gives fresh states)."""
+  def fix(x):
+    x = x[:num_real]
+    return jnp.concatenate([x, jnp.repeat(x[-1:], rows - num_real, axis=0)])
+  return jax.tree.map(fix, states)
+
+
+def restore_states(mngr, step: int, abstract, num_real: int, mesh):
+  """Restores a chunk saved on any device count into this mesh's layout."""
+  member = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('member'))
+  rows = jax.tree.leaves(abstract)[0].shape[0]
+  saved = _saved_rows(mngr, step)
+  if saved == rows:
+    return mngr.restore(step, args=ocp.args.StandardRestore(
+        _with_sharding(abstract, rows, member)))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  states = mngr.restore(step, args=ocp.args.StandardRestore(
+      _with_sharding(abstract, saved, replicated)))
+  return jax.jit(lambda s: relayout(s, num_real, rows), out_shardings=member)(states)
+
+
+def _flag_frozen(rows, warned: set[int]) -> None:
+  for r in rows:
+    if r['frozen'] and r['member'] not in warned:
+      warned.add(r['member'])
+      hp = {k: r[k] for k in ts.HPARAM_NAMES}
+      logging.warning(
+          'Member %d diverged at step %d (non-finite loss, gradient or parameter):'
+          ' frozen at its last finite parameters; the other members train on.'
+          ' Hyperparameters: %s', r['member'], r['frozen_step'], hp)
+
+
 def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   """Trains the members of ``config`` in ``workdir``; resumes if it holds them.
 
+  Chunks of members train one after another (all members at once unless
+  ``config.chunk_size`` is set); each chunk's stacked state is split over all
+  devices of all processes.
+
   Returns:
-    The final stacked train state.
+    The final stacked train state of the last chunk trained (members of a
+    one-chunk run, plus any padding rows).
   """
   # Everything that can reject the run happens before anything is written.
   config_lib.validate(config)
   dataset = data.get(config.dataset, config.dataset_path)
   config_lib.check_against_dataset(config, dataset)
   check_workdir(workdir, config)
+  config_lib.check_devices(config, len(jax.devices()), jax.process_count())
 
   spec = StepSpec.from_config(config)
   member_rows = sweep.members(config)
-  hparams = sweep.stack(member_rows)
   model = models.get(config.model, config.latent_size, dataset.observation_shape)
+  mesh = make_mesh(jax.devices()[:config.num_devices or None])
+  rows = sweep.padded_size(len(member_rows), config.chunk_size, mesh.size)
+  primary = jax.process_index() == 0
 
-  os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, CONFIG_FILE), _config_dict(config))
-  _write_json(os.path.join(workdir, MEMBERS_FILE), member_rows)
+  if primary:
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, CONFIG_FILE), _config_dict(config))
+    _write_json(os.path.join(workdir, MEMBERS_FILE), member_rows)
+  _barrier('capvae:workdir')
 
-  mngr = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True))
-  init = jax.jit(lambda h: init_states(model, h, dataset.observation_shape, spec))
-  latest = mngr.latest_step()
-  if latest is None:
-    states = init(hparams)
-  else:
-    abstract = jax.eval_shape(init, hparams)
-    states = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-    logging.info('Resumed from %s at step %d.', workdir, latest)
-  step = int(jax.device_get(states.step[0]))
+  P = jax.sharding.PartitionSpec
+  member = jax.sharding.NamedSharding(mesh, P('member'))
+  dataset = jax.device_put(dataset, jax.sharding.NamedSharding(mesh, P()))
+  init = jax.jit(lambda h: init_states(model, h, dataset.observation_shape, spec),
+                 out_shardings=member)
+  train_step = jax.jit(make_train_step(model, spec, config.member_loop, mesh),
+                       donate_argnums=0)
+  logging.info('%d member(s) in %d chunk(s) of %d rows over %d device(s) (%d'
+               ' process(es)); members run by %s.', len(member_rows),
+               len(sweep.chunks(len(member_rows), config.chunk_size)), rows, mesh.size,
+               jax.process_count(), resolve_member_loop(config.member_loop))
   metrics_path = os.path.join(workdir, METRICS_FILE)
-  _truncate_metrics(metrics_path, step)
+  compiled, states = None, None
+  for chunk, ids in enumerate(sweep.chunks(len(member_rows), config.chunk_size)):
+    chunk_rows = [member_rows[i] for i in ids]
+    hparams = sweep.stack(sweep.pad(chunk_rows, rows))
+    mngr = _manager(workdir, chunk, config.keep_checkpoints)
+    try:
+      latest = mngr.latest_step()
+      if latest is None:
+        states, step = init(hparams), 0
+      else:
+        states = restore_states(mngr, latest, jax.eval_shape(init, hparams),
+                                len(chunk_rows), mesh)
+        step = latest
+        logging.info('Chunk %d: resumed at step %d.', chunk, latest)
+      if primary:
+        _truncate_metrics(metrics_path, ids, step)
+      _barrier(f'capvae:chunk{chunk}:{step}')
+      if step >= config.num_steps:
+        logging.info('Chunk %d: nothing to do (step %d >= num_steps %d).', chunk,
+                     step, config.num_steps)
+        continue
+      if compiled is None:
+        t0 = time.perf_counter()
+        compiled = train_step.lower(states, dataset).compile()
+        logging.info('Compiled the train step for %d row(s) in %.1fs.', rows,
+                     time.perf_counter() - t0)
+      states, stopped = _train_chunk(config, compiled, states, dataset, step, mngr,
+                                     chunk_rows, metrics_path if primary else None)
+    finally:
+      # Also on an error: let an in-flight save finish so no checkpoint is torn.
+      mngr.wait_until_finished()
+      mngr.close()
+    if stopped:
+      break
+  return states
 
-  train_step = jax.jit(make_train_step(model, spec), donate_argnums=0)
+
+def _train_chunk(config, compiled, states, dataset, step, mngr, chunk_rows,
+                 metrics_path):
+  """Trains one chunk from ``step`` to ``config.num_steps``; True if stopped early."""
   num_steps = config.num_steps
-  if step >= num_steps:
-    logging.info('Nothing to do: step %d >= num_steps %d.', step, num_steps)
-    mngr.close()
-    return states
-  t0 = time.perf_counter()
-  compiled = train_step.lower(states, dataset).compile()
-  logging.info('Compiled the train step for %d member(s) in %.1fs.',
-               len(member_rows), time.perf_counter() - t0)
-
-  try:
-    with _Preemption() as preemption, open(metrics_path, 'a') as log:
-      t_start, step_start = time.perf_counter(), step
-      t_last, step_last = t_start, step
-      while step < num_steps:
-        # Metrics are those of the update *at* optimizer step `step` (C, loss,
-        # noise and batch all indexed by it); the state then moves to step + 1.
-        states, metrics = compiled(states, dataset)
-        logged = step
-        step += 1
-        stop = preemption.requested or mngr.reached_preemption(step)
-        if logged % config.log_every == 0 or step == num_steps or stop:
-          now = time.perf_counter()
-          rate = (step - step_last) / max(now - t_last, 1e-9)
-          t_last, step_last = now, step
-          rows = metric_rows(logged, member_rows, metrics, rate)
-          bad = [r['member'] for r in rows if not np.isfinite(r['loss'])]
-          if bad:
-            raise FloatingPointError(
-                f'Non-finite loss for member(s) {bad} at step {logged}; the last'
-                ' checkpoint is kept.')
+  multi = jax.process_count() > 1
+  warned: set[int] = set()
+  log_file = open(metrics_path, 'a') if metrics_path else contextlib.nullcontext()
+  with _Preemption() as preemption, log_file as log:
+    t_start, step_start = time.perf_counter(), step
+    t_last, step_last = t_start, step
+    while step < num_steps:
+      # Metrics are those of the update *at* optimizer step `step` (C, loss,
+      # noise and batch all indexed by it); the state then moves to step + 1.
+      states, metrics = compiled(states, dataset)
+      logged = step
+      step += 1
+      log_now = logged % config.log_every == 0 or step == num_steps
+      stop = mngr.reached_preemption(step)
+      if multi:  # a signal reaches one process: agree at log steps
+        stop = stop or (log_now and _any_process(preemption.requested))
+      else:
+        stop = stop or preemption.requested
+      if log_now or stop:
+        rows = metric_rows(logged, chunk_rows, _fetch(metrics), 0.0)
+        now = time.perf_counter()
+        rate = (step - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, step
+        for r in rows:
+          r['steps_per_sec'] = rate
+        _flag_frozen(rows, warned)
+        if all(r['frozen'] for r in rows):
+          raise FloatingPointError(
+              f'Every member diverged (member(s) {[r["member"] for r in rows]},'
+              f' by step {logged}); nothing is saved past the last checkpoint.')
+        if log is not None:
           for row in rows:
             log.write(json.dumps(row) + '\n')
           log.flush()
-          mean_rate = (step - step_start) / max(now - t_start, 1e-9)
-          r0 = rows[0]
-          logging.info(
-              'step %d/%d  loss %.2f  rec %.2f  kl %.2f  C %.2f  |  %.2f steps/s,'
-              ' %s left', logged, num_steps, r0['loss'], r0['rec'], r0['kl'],
-              r0['c'], rate, _format_duration((num_steps - step) / mean_rate))
-        if step % config.checkpoint_every == 0 or step == num_steps or stop:
-          mngr.save(step, args=ocp.args.StandardSave(states))
-        if stop:
-          logging.warning('Stopped at step %d; rerun the same command to resume.', step)
-          break
+        mean_rate = (step - step_start) / max(now - t_start, 1e-9)
+        live = [r for r in rows if not r['frozen']]
+        r0 = live[0]
+        logging.info(
+            'step %d/%d  member %d: loss %.2f  rec %.2f  kl %.2f  C %.2f  |'
+            '  %d/%d live  %.2f steps/s, %s left', logged, num_steps, r0['member'],
+            r0['loss'], r0['rec'], r0['kl'], r0['c'], len(live), len(rows), rate,
+            _format_duration((num_steps - step) / mean_rate))
+      if step % config.checkpoint_every == 0 or step == num_steps or stop:
+        mngr.save(step, args=ocp.args.StandardSave(states))
+      if stop:
+        logging.warning('Stopped at step %d; rerun the same command to resume.', step)
+        return states, True
+  return states, False
+
+
+# --------------------------------------------------------------------------
+# One member out of a sweep.
+# --------------------------------------------------------------------------
+
+
+def load_config(workdir: str):
+  """The config a workdir was trained with (its ``config.json``)."""
+  import ml_collections
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(f'{path} does not exist: not a capvae workdir.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_member(workdir: str, member: int, step: int | None = None):
+  """``(config, model, state, row)`` of one member of a trained workdir.
+
+  ``state`` is that member's un-stacked :class:`TrainState` at checkpoint
+  ``step`` (default: the latest), ``row`` its line of the member table, and
+  ``model`` the Flax module (``model.apply(state.params, x, key)``).
+  """
+  config = load_config(workdir)
+  with open(os.path.join(workdir, MEMBERS_FILE)) as f:
+    member_rows = json.load(f)
+  try:
+    chunk, row = sweep.locate(member, len(member_rows), config.chunk_size)
+  except IndexError as e:
+    raise config_lib.ConfigError(f'--member: {e}') from None
+  dataset = data.get(config.dataset, config.dataset_path)
+  spec = StepSpec.from_config(config)
+  model = models.get(config.model, config.latent_size, dataset.observation_shape)
+  mngr = _manager(workdir, chunk, create=False)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+      raise config_lib.ConfigError(
+          f'{workdir}: no checkpoint {"" if step is None else step} for chunk {chunk}'
+          f' (member {member}); saved steps: {list(mngr.all_steps())}.')
+    ids = sweep.chunks(len(member_rows), config.chunk_size)[chunk]
+    hparams = sweep.stack([member_rows[i] for i in ids])
+    abstract = jax.eval_shape(
+        lambda h: init_states(model, h, dataset.observation_shape, spec), hparams)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    states = mngr.restore(step, args=ocp.args.StandardRestore(
+        _with_sharding(abstract, _saved_rows(mngr, step), one)))
   finally:
-    # Also on an error: let an in-flight save finish so no checkpoint is torn.
-    mngr.wait_until_finished()
     mngr.close()
-  return states
+  state = jax.tree.map(lambda a: a[row], states)
+  return config, model, state, member_rows[member]
+
+
+def extract_member(workdir: str, member: int, out: str, step: int | None = None) -> str:
+  """Writes member ``member`` of ``workdir`` as a stand-alone one-member run.
+
+  ``out`` gets a config (the member's hyperparameters, no sweep), a member
+  table of one row and a checkpoint at the same step, so it can be evaluated
+  or trained further like any single run:
+  ``python -m capvae.main --config configs/from_workdir.py:OUT --workdir OUT``.
+  ``out`` must not exist yet: nothing is ever overwritten.
+  """
+  config, _, state, row = load_member(workdir, member, step)
+  if os.path.exists(out):
+    raise config_lib.ConfigError(f'--out {out!r} exists; give a new directory.')
+  config.unlock()
+  for name in ts.HPARAM_NAMES:
+    config[name] = row[name]
+  config.sweep = {'product': {}, 'zip': {}}
+  config.chunk_size = 0
+  saved_step = int(state.step)
+  os.makedirs(out)
+  _write_json(os.path.join(out, CONFIG_FILE), _config_dict(config))
+  _write_json(os.path.join(out, MEMBERS_FILE), [dict(row, member=0)])
+  _write_json(os.path.join(out, 'extracted_from.json'),
+              {'workdir': os.path.abspath(workdir), 'member': member, 'step': saved_step})
+  mngr = _manager(out, 0)
+  try:
+    mngr.save(saved_step, args=ocp.args.StandardSave(
+        jax.tree.map(lambda a: jnp.asarray(a)[None], state)))
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  return out

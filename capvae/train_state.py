@@ -20,7 +20,8 @@ import optax
 from capvae import schedules
 
 # Scalars that may differ between members of one program (traced).
-HPARAM_NAMES = ('beta', 'gamma', 'c_max', 'c_anneal_steps', 'learning_rate', 'seed')
+HPARAM_NAMES = ('beta', 'gamma', 'c_max', 'c_anneal_steps', 'learning_rate',
+                'gaussian_variance', 'seed')
 INT_HPARAMS = frozenset({'c_anneal_steps', 'seed'})
 
 
@@ -31,14 +32,24 @@ class Hparams(struct.PyTreeNode):
   c_max: jax.Array
   c_anneal_steps: jax.Array
   learning_rate: jax.Array
+  gaussian_variance: jax.Array
   seed: jax.Array
 
 
 class TrainState(struct.PyTreeNode):
+  """One member's state.
+
+  ``frozen`` is set when an update would have made the loss, a gradient or a
+  parameter non-finite; from then on the member's params and optimizer state
+  are left as they were (its step still advances with everyone else's), and
+  ``frozen_step`` records the step of the update that was refused (-1: live).
+  """
   step: jax.Array
   params: Any
   opt_state: Any
   hparams: Hparams
+  frozen: jax.Array
+  frozen_step: jax.Array
 
   def capacity(self, schedule: str) -> jax.Array:
     """C at this state's step under the named schedule."""
@@ -67,4 +78,6 @@ def create(model, hparams: Hparams, example_input, optimizer_kwargs) -> TrainSta
   params = model.init(init_key, example_input, noise_key)
   tx = make_optimizer(hparams.learning_rate, **optimizer_kwargs)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), hparams=hparams)
+                    opt_state=tx.init(params), hparams=hparams,
+                    frozen=jnp.zeros((), jnp.bool_),
+                    frozen_step=jnp.full((), -1, jnp.int32))

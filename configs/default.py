@@ -58,6 +58,21 @@ def get_config():
   config.num_steps = 2000
   config.seed = 0
 
+  # Sweeps (see capvae/sweep.py): which traced hyperparameters vary, e.g.
+  #   config.sweep.product = dict(gamma=[100., 1000.], seed=[0, 1, 2])
+  #   config.sweep.zip = dict(c_max=[5., 25.], c_anneal_steps=[500, 2000])
+  # Empty: one member with the values above.
+  config.sweep = ml_collections.ConfigDict(
+      {'product': ml_collections.ConfigDict(), 'zip': ml_collections.ConfigDict()})
+  # Members trained together (0: all); chunks of this many run one after another.
+  config.chunk_size = 0
+  # How a device runs its members: 'map' (one after another, each bit for bit a
+  # single run), 'vmap' (batched), 'auto' (map on CPU, vmap on GPU/TPU).
+  config.member_loop = 'auto'
+  # Devices the member axis is split over (0: all devices of all processes).
+  # Where a member runs does not change its numbers; see the README.
+  config.num_devices = 0
+
   # Bookkeeping (may change when a run is resumed).
   config.log_every = 50
   config.checkpoint_every = 500

@@ -49,7 +49,7 @@ def test_smoke_cli_runs_the_test_config(tmp_path):
     assert r['loss'] == pytest.approx(r['rec'] + config.gamma * abs(r['kl'] - r['c']), rel=1e-4)
     assert r['steps_per_sec'] > 0
   assert rows[-1]['rec'] < rows[0]['rec'] - 10  # it learns something
-  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints', 'chunk_000'))
   assert mngr.latest_step() == config.num_steps
 
 
@@ -173,7 +173,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out[-3000:]
   assert 'rerun the same command to resume' in out
-  saved = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')).latest_step()
+  saved = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints', 'chunk_000')).latest_step()
   rows = _rows(workdir)
   assert saved is not None and 3 <= saved < 100000
   assert rows[-1]['step'] == saved - 1  # the log and the checkpoint agree
@@ -185,7 +185,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
 def test_divergence_fails_loudly_and_keeps_the_checkpoint(tmp_path):
   workdir = str(tmp_path / 'run')
   _train(workdir, 4)
-  before = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')).all_steps()
+  before = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints', 'chunk_000')).all_steps()
   config = load_config('test')
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['learning_rate'] == config.learning_rate
@@ -193,4 +193,4 @@ def test_divergence_fails_loudly_and_keeps_the_checkpoint(tmp_path):
   bad = str(tmp_path / 'bad')
   with pytest.raises(FloatingPointError, match='member'):
     _train(bad, 40, learning_rate=1e30)
-  assert ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')).all_steps() == before
+  assert ocp.CheckpointManager(os.path.join(workdir, 'checkpoints', 'chunk_000')).all_steps() == before

@@ -1,0 +1,11 @@
+r"""The config saved in a workdir, to resume or continue it (e.g. an extracted member).
+
+  python -m capvae.main --config configs/from_workdir.py:runs/member3 \
+      --workdir runs/member3 --config.num_steps=4000
+"""
+
+from capvae import train
+
+
+def get_config(workdir):
+  return train.load_config(workdir)

@@ -1,0 +1,105 @@
+r"""Throughput of one sweep program as the member count grows.
+
+  python experiments/bench_sweep.py                      # M = 1, 4, 16, 64
+  python experiments/bench_sweep.py --members 1,16 --loop vmap --model mlp
+
+For each member count M it builds the sweep train step exactly as training
+does (``train.make_train_step`` over a mesh of all devices, members padded to
+the device count), compiles it, runs warm-up steps, then times ``--steps``
+steps (at least ``--min_seconds``) and prints steps/s, per-member images/s,
+aggregate images/s and the per-member ratio to the M = 1 program measured in
+the same run. Members differ in gamma, C_max, learning rate and seed.
+"""
+
+import argparse
+import sys
+import time
+
+import jax
+import numpy as np
+
+from capvae import data, models, sweep, train
+from capvae.config_lib import sibling
+
+
+def _config(args):
+  import os
+  config = sibling(os.path.join(os.path.dirname(__file__), '..', 'configs', 'x.py'),
+                   'default').get_config()
+  config.model = args.model
+  config.batch_size = args.batch_size
+  config.member_loop = args.loop
+  return config
+
+
+def bench(args, num_members, mesh):
+  config = _config(args)
+  spec = train.StepSpec.from_config(config)
+  dataset = data.get(config.dataset)
+  model = models.get(config.model, config.latent_size, dataset.observation_shape)
+  base = sweep.members(config)[0]
+  rows = [dict(base, member=i, seed=i, gamma=float(100 * (1 + i % 10)),
+               c_max=float(5 + i % 20), learning_rate=float(1e-4 * (1 + i % 5)))
+          for i in range(num_members)]
+  padded = sweep.padded_size(num_members, 0, mesh.size)
+  P = jax.sharding.PartitionSpec
+  member = jax.sharding.NamedSharding(mesh, P('member'))
+  dataset = jax.device_put(dataset, jax.sharding.NamedSharding(mesh, P()))
+  init = jax.jit(lambda h: train.init_states(model, h, dataset.observation_shape, spec),
+                 out_shardings=member)
+  states = init(sweep.stack(sweep.pad(rows, padded)))
+  step = jax.jit(train.make_train_step(model, spec, config.member_loop, mesh),
+                 donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step.lower(states, dataset).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(args.warmup):
+    states, metrics = compiled(states, dataset)
+  jax.block_until_ready(states)
+  n, t0 = 0, time.perf_counter()
+  while n < args.steps or time.perf_counter() - t0 < args.min_seconds:
+    states, metrics = compiled(states, dataset)
+    n += 1
+    if n % 8 == 0:
+      jax.block_until_ready(states)
+  jax.block_until_ready(states)
+  seconds = (time.perf_counter() - t0) / n
+  assert np.all(np.isfinite(np.asarray(metrics['loss'])[:num_members]))
+  return seconds, compile_s, n
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--members', default='1,4,16,64')
+  parser.add_argument('--model', default='burgess', choices=models.MODELS)
+  parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument('--loop', default='auto', choices=('auto', 'map', 'vmap'))
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--min_seconds', type=float, default=2.0)
+  args = parser.parse_args(argv)
+  counts = [int(m) for m in args.members.split(',')]
+  mesh = train.make_mesh()
+  loop = train.resolve_member_loop(args.loop)
+  print(f'# bench_sweep: model {args.model}, batch {args.batch_size}, members run by'
+        f' {loop}; {mesh.size} {jax.devices()[0].device_kind} device(s);'
+        f' jax {jax.__version__}')
+  print(f'{"M":>4} {"ms/step":>9} {"steps/s":>8} {"img/s/member":>13} {"img/s total":>12}'
+        f' {"per-member vs M=1":>18} {"total vs M=1":>13} {"compile s":>9} {"steps":>6}')
+  base = None
+  for m in counts:
+    seconds, compile_s, n = bench(args, m, mesh)
+    per_member = args.batch_size / seconds
+    total = per_member * m
+    if base is None:
+      base = per_member if m == 1 else None
+    ratio = f'{per_member / base:.2f}x' if base else '-'
+    total_ratio = f'{total / base:.1f}x' if base else '-'
+    print(f'{m:4d} {seconds * 1e3:9.1f} {1 / seconds:8.2f} {per_member:13.1f}'
+          f' {total:12.1f} {ratio:>18} {total_ratio:>13} {compile_s:9.1f} {n:6d}',
+          flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

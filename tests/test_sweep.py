@@ -1,0 +1,334 @@
+"""Sweeps: the grid grammar, one program for all members, devices, hosts, divergence."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from capvae import config_lib, sweep, train
+from capvae.errors import ConfigError
+from conftest import ROOT, load_config
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------
+# The grammar.
+# ---------------------------------------------------------------------------
+
+
+def test_product_and_zip_expand_in_a_documented_order():
+  config = load_config('test')
+  config.sweep.product = dict(seed=[0, 1], gamma=[10.0, 100.0, 1000.0])
+  config.sweep.zip = dict(c_max=[5.0, 25.0], c_anneal_steps=[100, 400])
+  config_lib.validate(config)
+  rows = sweep.members(config)
+  assert len(rows) == 2 * 3 * 2
+  assert [r['member'] for r in rows] == list(range(12))
+  # Alphabetical product (gamma, seed), the zip block last and fastest.
+  assert [(r['gamma'], r['seed'], r['c_max'], r['c_anneal_steps']) for r in rows[:4]] == [
+      (10.0, 0, 5.0, 100), (10.0, 0, 25.0, 400), (10.0, 1, 5.0, 100), (10.0, 1, 25.0, 400)]
+  assert {(r['c_max'], r['c_anneal_steps']) for r in rows} == {(5.0, 100), (25.0, 400)}
+  assert all(r['learning_rate'] == config.learning_rate for r in rows)  # unswept
+  assert isinstance(rows[0]['seed'], int) and isinstance(rows[0]['gamma'], float)
+  # No sweep: the one-member table.
+  assert sweep.members(load_config('test')) == [
+      dict({n: load_config('test')[n] for n in sweep.train_state.HPARAM_NAMES}, member=0)]
+
+
+@pytest.mark.parametrize('kind, block, message', [
+    ('product', dict(latent_size=[4, 8]), r'latent_size.*changes the compiled program'),
+    ('product', dict(batch_size=[8]), r'batch_size.*run one sweep per value'),
+    ('zip', dict(objective=['beta']), r'objective.*changes the compiled program'),
+    ('product', dict(gama=[1.0]), r'config.sweep.product.gama: no such field'),
+    ('product', dict(gamma=[10.0, -1.0]), r'config.sweep.product.gamma\[1\] = -1.0: must be >= 0'),
+    ('product', dict(seed=[0, 1.5]), r'config.sweep.product.seed\[1\] = 1.5: must be an integer'),
+    ('product', dict(learning_rate=[]), r'config.sweep.product.learning_rate is empty'),
+    ('product', dict(gamma=5.0), r'must be a list'),
+    ('zip', dict(gamma=[1.0, 2.0], seed=[0]), r'equal lengths'),
+    ('product', dict(c_max=[float('nan')]), r'c_max\[0\] = nan: must be finite'),
+])
+def test_bad_sweeps_are_refused_naming_the_field(kind, block, message):
+  config = load_config('test')
+  config.sweep[kind] = block
+  with pytest.raises(ConfigError, match=message):
+    config_lib.validate(config)
+
+
+def test_a_field_in_both_blocks_is_refused(tmp_path):
+  config = load_config('test')
+  config.sweep.product = dict(gamma=[1.0])
+  config.sweep.zip = dict(gamma=[2.0])
+  workdir = str(tmp_path / 'never')
+  with pytest.raises(ConfigError, match='already swept'):
+    train.train_and_evaluate(config, workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_chunks_and_padding_layout():
+  assert [list(c) for c in sweep.chunks(5, 2)] == [[0, 1], [2, 3], [4]]
+  assert [list(c) for c in sweep.chunks(5, 0)] == [[0, 1, 2, 3, 4]]
+  assert sweep.padded_size(5, 0, 8) == 8 and sweep.padded_size(5, 2, 8) == 8
+  assert sweep.padded_size(16, 0, 8) == 16 and sweep.padded_size(3, 0, 1) == 3
+  assert sweep.locate(4, 5, 2) == (2, 0) and sweep.locate(3, 5, 0) == (0, 3)
+  rows = sweep.pad([{'member': 0, 'gamma': 1.0}], 3)
+  assert [r['member'] for r in rows] == [0, -1, -1] and rows[2]['gamma'] == 1.0
+
+
+# ---------------------------------------------------------------------------
+# One program: member i of a sweep is the single run with its values.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def sweep_run(tmp_path_factory):
+  """``configs/test_sweep.py`` trained on this process's one device."""
+  workdir = str(tmp_path_factory.mktemp('sweep') / 'run')
+  config = load_config('test_sweep')
+  states = train.train_and_evaluate(config, workdir)
+  return workdir, config, states
+
+
+def _single_config(config, row):
+  single = load_config('test')
+  for k in ('num_steps', 'checkpoint_every', 'log_every'):
+    single[k] = config[k]
+  for name in sweep.train_state.HPARAM_NAMES:
+    single[name] = row[name]
+  return single
+
+
+def test_each_member_is_bitwise_its_single_run(sweep_run, tmp_path):
+  workdir, config, states = sweep_run
+  rows = sweep.members(config)
+  assert len(rows) == 3 and int(states.step[0]) == config.num_steps
+  for row in rows:
+    single = train.train_and_evaluate(_single_config(config, row),
+                                      str(tmp_path / f'single{row["member"]}'))
+    member = jax.tree.map(lambda a: a[row['member']], states)
+    assert _leaves_equal(member, jax.tree.map(lambda a: a[0], single))
+    # The log agrees too: the member's rows are the single run's, bit for bit.
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ('steps_per_sec', 'member')}
+                        for r in rs]
+    mine = [r for r in _rows(workdir) if r['member'] == row['member']]
+    assert strip(mine) == strip(_rows(str(tmp_path / f'single{row["member"]}')))
+  # Members really differ.
+  assert not np.allclose(states.params['params']['encoder']['Conv_0']['kernel'][0],
+                         states.params['params']['encoder']['Conv_0']['kernel'][1])
+
+
+def test_every_metrics_row_names_its_member_and_hyperparameters(sweep_run):
+  workdir, config, _ = sweep_run
+  rows = _rows(workdir)
+  table = {r['member']: r for r in sweep.members(config)}
+  with open(os.path.join(workdir, 'members.json')) as f:
+    assert [r['member'] for r in json.load(f)] == [0, 1, 2]
+  assert {r['member'] for r in rows} == {0, 1, 2}
+  for r in rows:
+    for name in sweep.train_state.HPARAM_NAMES:
+      assert r[name] == table[r['member']][name]
+    assert r['frozen'] is False and r['frozen_step'] == -1
+    assert r['c'] == pytest.approx(min(r['c_max'], r['c_max'] * r['step'] / r['c_anneal_steps']))
+
+
+def test_new_sweep_values_do_not_recompile():
+  config = load_config('test_sweep')
+  spec = train.StepSpec.from_config(config)
+  from capvae import data, models
+  dataset = data.get('dsprites')
+  model = models.get('burgess', config.latent_size, dataset.observation_shape)
+  mesh = train.make_mesh()
+  step = jax.jit(train.make_train_step(model, spec, 'map', mesh))
+  init = jax.jit(lambda h: train.init_states(model, h, dataset.observation_shape, spec))
+  for zipped in (config.sweep.zip.to_dict(),
+                 dict(gamma=[1.0, 2.0, 3.0], c_max=[9.0, 8.0, 7.0],
+                      learning_rate=[1e-2, 1e-3, 1e-4], seed=[7, 8, 9])):
+    config.sweep.zip = zipped
+    step(init(sweep.stack(sweep.members(config))), dataset)
+  assert step._cache_size() == 1 and init._cache_size() == 1
+
+
+def test_extracted_member_is_a_standalone_run(sweep_run, tmp_path):
+  workdir, config, states = sweep_run
+  out = str(tmp_path / 'member1')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'capvae.extract', '--workdir', workdir, '--member', '1',
+       '--out', out], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cfg, _, state, row = train.load_member(out, 0)
+  assert _leaves_equal(state, jax.tree.map(lambda a: a[1], states))
+  assert row['gamma'] == sweep.members(config)[1]['gamma'] and cfg.gamma == row['gamma']
+  assert dict(cfg.sweep.zip) == {} and cfg.chunk_size == 0
+  # It trains on like any single run, from the saved step.
+  resumed = train.train_and_evaluate(
+      load_config_from(out, num_steps=config.num_steps + 2), out)
+  assert int(resumed.step[0]) == config.num_steps + 2
+  # Bad requests are refused, and nothing is overwritten.
+  with pytest.raises(ConfigError, match='member 3 is not in this run'):
+    train.extract_member(workdir, 3, str(tmp_path / 'x'))
+  with pytest.raises(ConfigError, match='exists'):
+    train.extract_member(workdir, 1, out)
+
+
+def load_config_from(workdir, **overrides):
+  config = config_lib.sibling(os.path.join(ROOT, 'configs', 'x.py'),
+                              'from_workdir').get_config(workdir)
+  config.update(overrides)
+  return config
+
+
+def test_resume_in_chunks_is_bitwise_the_one_go_run(sweep_run, tmp_path):
+  workdir, config, states = sweep_run
+  chunked = str(tmp_path / 'chunked')
+  config = load_config('test_sweep')
+  config.chunk_size = 2
+  config.num_steps = 4
+  config.log_every = 1
+  train.train_and_evaluate(config, chunked)  # both chunks to step 4
+  config.num_steps = 8
+  last = train.train_and_evaluate(config, chunked)  # resumed, both chunks to 8
+  assert os.listdir(os.path.join(chunked, 'checkpoints')) and sorted(
+      os.listdir(os.path.join(chunked, 'checkpoints'))) == ['chunk_000', 'chunk_001']
+  for i in range(3):
+    _, _, state, _ = train.load_member(chunked, i)
+    assert _leaves_equal(state, jax.tree.map(lambda a: a[i], states))
+  assert _leaves_equal(jax.tree.map(lambda a: a[0], last),
+                       jax.tree.map(lambda a: a[2], states))
+  by_member = {}
+  for r in _rows(chunked):
+    by_member.setdefault(r['member'], []).append(r['step'])
+  assert by_member == {i: list(range(8)) for i in range(3)}
+
+
+# ---------------------------------------------------------------------------
+# A member that diverges is frozen; the others are untouched.
+# ---------------------------------------------------------------------------
+
+
+def test_a_diverging_member_is_frozen_and_the_others_are_untouched(tmp_path):
+  base = load_config('test_sweep')
+  base.num_steps = 6
+  zipped = base.sweep.zip.to_dict()
+  with_bad = {k: [v[0], v[1], v[2]] for k, v in zipped.items()}
+  with_bad['learning_rate'] = [zipped['learning_rate'][0], 1e8, zipped['learning_rate'][2]]
+  without = {k: [v[0], v[2]] for k, v in zipped.items()}
+  base.sweep.zip = with_bad
+  bad_dir, good_dir = str(tmp_path / 'bad'), str(tmp_path / 'good')
+  bad = train.train_and_evaluate(base, bad_dir)
+  base.sweep.zip = without
+  good = train.train_and_evaluate(base, good_dir)
+  member = lambda s, i: jax.tree.map(lambda a: a[i], s)
+  assert _leaves_equal(member(bad, 0).params, member(good, 0).params)
+  assert _leaves_equal(member(bad, 2).params, member(good, 1).params)
+  assert bool(bad.frozen[1]) and not bool(bad.frozen[0]) and not bool(bad.frozen[2])
+  frozen_step = int(bad.frozen_step[1])
+  assert 0 <= frozen_step < 6
+  # Its parameters are finite: the last ones before the refused update.
+  assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(member(bad, 1).params))
+  rows = [r for r in _rows(bad_dir) if r['member'] == 1]
+  assert rows[-1]['frozen'] is True and rows[-1]['frozen_step'] == frozen_step
+  assert rows[-1]['learning_rate'] == 1e8
+  assert all(not r['frozen'] for r in _rows(bad_dir) if r['member'] != 1)
+  summary = subprocess.run([sys.executable, 'experiments/summarize_run.py', bad_dir],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert summary.returncode == 0, summary.stderr
+  assert f'member 1 FROZEN at step {frozen_step}' in summary.stdout
+  assert 'learning_rate=1e+08' in summary.stdout
+
+
+# ---------------------------------------------------------------------------
+# Devices and hosts: the same numbers on 8 devices and on two processes.
+# ---------------------------------------------------------------------------
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                      f' --xla_force_host_platform_device_count={devices}').strip()
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _run_cli(workdir, devices, *flags):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'capvae.main', '--config', 'configs/test_sweep.py',
+       '--workdir', workdir, *flags], cwd=ROOT, env=_env(devices), capture_output=True,
+      text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stderr
+
+
+def _members(workdir):
+  return [train.load_member(workdir, i)[2] for i in range(3)]
+
+
+def _strip(rows):
+  return sorted([{k: v for k, v in r.items() if k != 'steps_per_sec'} for r in rows],
+                key=lambda r: (r['member'], r['step']))
+
+
+def _close_to_single_device(members, states):
+  # Another device count is another XLA CPU client, which compiles the same
+  # program with ~1-ulp differences (see README); placement within one
+  # client is bitwise (the tests above).
+  for i, member in enumerate(members):
+    for x, y in zip(jax.tree.leaves(member.params), jax.tree.leaves(states.params)):
+      np.testing.assert_allclose(x, y[i], rtol=1e-4, atol=1e-5)
+
+
+def test_eight_devices_give_the_single_device_result(sweep_run, tmp_path):
+  _, _, states = sweep_run
+  eight, one = str(tmp_path / 'eight'), str(tmp_path / 'one')
+  log = _run_cli(eight, 8)
+  assert 'of 8 rows over 8 device(s)' in log  # 3 members padded to 8 rows
+  log = _run_cli(one, 8, '--config.num_devices=1')
+  assert 'of 3 rows over 1 device(s)' in log
+  # Bitwise: the members' numbers do not depend on where they run.
+  for a, b in zip(_members(eight), _members(one)):
+    assert _leaves_equal(a, b)
+  assert _strip(_rows(eight)) == _strip(_rows(one))
+  _close_to_single_device(_members(eight), states)
+
+
+def test_two_processes_give_the_single_process_result(sweep_run, tmp_path):
+  _, config, states = sweep_run
+  two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
+  address = f'127.0.0.1:{_free_port()}'
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'capvae.main', '--config', 'configs/test_sweep.py',
+       '--workdir', two, '--coordinator_address', address, '--num_processes', '2',
+       '--process_id', str(k)], cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for k in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert 'of 4 rows over 4 device(s) (2 process(es))' in outs[0]
+  # Process 0 wrote the log; process 1 wrote its shards of the checkpoints.
+  _run_cli(one, 2)
+  for a, b in zip(_members(two), _members(one)):
+    assert _leaves_equal(a, b)
+  assert _strip(_rows(two)) == _strip(_rows(one))
+  _close_to_single_device(_members(two), states)
+  # The 4-row checkpoint resumes here on one device (3 rows): same members.
+  restored = train.train_and_evaluate(load_config('test_sweep'), two)
+  for i, member in enumerate(_members(two)):
+    assert _leaves_equal(member, jax.tree.map(lambda a: a[i], restored))
