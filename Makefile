@@ -4,8 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.capvae-installed
 WORKDIR ?= runs/default
+SWEEP_WORKDIR ?= runs/capacity_sweep
 
-.PHONY: install train test clean
+.PHONY: install train sweep bench test clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,15 @@ install: $(STAMP)
 train: install
 	$(BIN)/python -m capvae.main --config configs/default.py --workdir $(WORKDIR)
 	$(BIN)/python experiments/summarize_run.py $(WORKDIR)
+
+## sweep: the AnnealedVAE grid (configs/capacity_sweep.py, 12 members in one program), offline.
+sweep: install
+	$(BIN)/python -m capvae.main --config configs/capacity_sweep.py --workdir $(SWEEP_WORKDIR)
+	$(BIN)/python experiments/summarize_run.py $(SWEEP_WORKDIR)
+
+## bench: sweep throughput for M = 1, 4, 16, 64 members against the single-member program.
+bench: install
+	$(BIN)/python experiments/bench_sweep.py --members 1,4,16,64
 
 ## test: the test suite.
 test: install

@@ -74,3 +74,51 @@ def test_unknown_model_and_bad_shape():
     models.get('resnet', 10, (64, 64, 1))
   with pytest.raises(ValueError, match='divisible by 16'):
     models.get('burgess', 10, (60, 60, 1))
+
+
+# ---------------------------------------------------------------------------
+# capvae.layers: the same function and parameters as Flax's convolutions.
+# ---------------------------------------------------------------------------
+
+import flax.linen as nn  # noqa: E402
+from capvae import layers  # noqa: E402
+
+
+@pytest.mark.parametrize('ref, fast, shape', [
+    (nn.Conv(32, (4, 4), (2, 2), padding='SAME'), layers.Conv(32, (4, 4), (2, 2)), (3, 64, 64, 1)),
+    (nn.Conv(32, (4, 4), (2, 2), padding='SAME'), layers.Conv(32, (4, 4), (2, 2)), (2, 8, 8, 32)),
+    (nn.Conv(64, (2, 2), (2, 2), padding='SAME'), layers.Conv(64, (2, 2), (2, 2)), (2, 16, 16, 32)),
+    (nn.Conv(8, (3, 3), (1, 1), padding='SAME'), layers.Conv(8, (3, 3), (1, 1)), (2, 7, 5, 3)),
+    (nn.ConvTranspose(32, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(32), (2, 4, 4, 32)),
+    (nn.ConvTranspose(1, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(1), (2, 32, 32, 32)),
+    (nn.ConvTranspose(5, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(5), (1, 3, 6, 2)),
+])
+def test_matmul_convolutions_equal_flax(ref, fast, shape):
+  kx, kp, kc = jax.random.split(jax.random.key(7), 3)
+  x = jax.random.normal(kx, shape)
+  params = ref.init(kp, x)
+  # Same parameter tree and the same initial values for the same key.
+  fast_params = fast.init(kp, x)
+  assert jax.tree.structure(fast_params) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(fast_params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  # Random (non-zero) biases, and a loss with a non-trivial cotangent.
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(kc, p.shape), params)
+  y_ref, y_fast = ref.apply(params, x), fast.apply(params, x)
+  assert y_ref.shape == y_fast.shape
+  np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)) * jnp.arange(y_ref.size).reshape(y_ref.shape) / y_ref.size)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+  g_fast = jax.grad(loss(fast), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+
+
+def test_conv_models_keep_flax_parameter_names():
+  model = models.get('burgess', 10, (64, 64, 1))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)), jax.random.key(1))
+  enc, dec = params['params']['encoder'], params['params']['decoder']
+  assert [k for k in enc if k.startswith('Conv')] == [f'Conv_{i}' for i in range(4)]
+  assert [k for k in dec if k.startswith('ConvTranspose')] == [f'ConvTranspose_{i}' for i in range(4)]
+  assert enc['Conv_0']['kernel'].shape == (4, 4, 1, 32)
+  assert dec['ConvTranspose_3']['kernel'].shape == (4, 4, 32, 1)
