@@ -2,12 +2,16 @@
 
 ``make_train_step`` builds one pure function ``(states, dataset) -> (states,
 metrics)`` over a stack of members: it renders one batch from the dataset
-(shared by every member: common random numbers), then runs a ``jax.vmap``-ped
-per-member update. It is jitted once; hyperparameter values are traced.
+(shared by every member: common random numbers), then updates every member,
+one after another (``'map'``) or batched (``'vmap'``), inside a ``shard_map``
+that splits the member axis over a device mesh. It is jitted once;
+hyperparameter values are traced.
 
 ``train_and_evaluate(config, workdir)`` validates the config, restores or
-creates the stacked state, trains, logs ``metrics.jsonl`` and checkpoints with
-orbax, resuming exactly after a stop or a preemption signal.
+creates the stacked state of each chunk of members, trains, logs
+``metrics.jsonl`` and checkpoints with orbax, resuming exactly after a stop or
+a preemption signal, on one process or many (``jax.distributed``).
+``load_member`` and ``extract_member`` take one member back out.
 """
 
 from __future__ import annotations

@@ -49,6 +49,17 @@ def main(workdir: str) -> int:
     print(f'  reconstruction: {_f(mr[0]["rec"], ".1f")} nats at step {mr[0]["step"]} ->'
           f' {_f(mr[-1]["rec"], ".1f")} at step {mr[-1]["step"]}; final KL'
           f' {_f(mr[-1]["kl"], ".2f")}, C {_f(mr[-1]["c"], ".2f")}')
+  members = sorted({r['member'] for r in rows})
+  if len(members) > 1:
+    varying = [k for k in HPARAMS if len({r.get(k) for r in rows}) > 1]
+    print('the grid at the last logged step (varying hyperparameters, then'
+          ' KL, C, reconstruction):')
+    print('  ' + ' '.join(f'{k:>14}' for k in ['member', *varying, 'KL', 'C', 'rec']))
+    for member in members:
+      last = max((r for r in rows if r['member'] == member), key=lambda r: r['step'])
+      cells = [f'{member:>14d}'] + [f'{last[k]:>14g}' for k in varying]
+      cells += [_f(last['kl'], '>14.2f'), _f(last['c'], '>14.2f'), _f(last['rec'], '>14.1f')]
+      print('  ' + ' '.join(cells))
   frozen = sorted({r['member'] for r in rows if r.get('frozen')})
   print(f'frozen (diverged) members: {frozen if frozen else "none"}')
   return 0
