@@ -400,6 +400,23 @@ def restore_states(mngr, step: int, abstract, num_real: int, mesh):
   return jax.jit(lambda s: relayout(s, num_real, rows), out_shardings=member)(states)
 
 
+def build_program(model, spec: StepSpec, dataset, mesh, member_loop: str):
+  """``(init, train_step, dataset)`` placed on ``mesh``: what a run executes.
+
+  ``init(hparams)`` gives stacked fresh states split over the member axis;
+  ``train_step(states, dataset)`` is the jitted step (states donated);
+  ``dataset`` is replicated on every device.
+  """
+  P = jax.sharding.PartitionSpec
+  member = jax.sharding.NamedSharding(mesh, P('member'))
+  dataset = jax.device_put(dataset, jax.sharding.NamedSharding(mesh, P()))
+  init = jax.jit(lambda h: init_states(model, h, dataset.observation_shape, spec),
+                 out_shardings=member)
+  train_step = jax.jit(make_train_step(model, spec, member_loop, mesh),
+                       donate_argnums=0)
+  return init, train_step, dataset
+
+
 def _flag_frozen(rows, warned: set[int]) -> None:
   for r in rows:
     if r['frozen'] and r['member'] not in warned:
@@ -442,13 +459,8 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
     _write_json(os.path.join(workdir, MEMBERS_FILE), member_rows)
   _barrier('capvae:workdir')
 
-  P = jax.sharding.PartitionSpec
-  member = jax.sharding.NamedSharding(mesh, P('member'))
-  dataset = jax.device_put(dataset, jax.sharding.NamedSharding(mesh, P()))
-  init = jax.jit(lambda h: init_states(model, h, dataset.observation_shape, spec),
-                 out_shardings=member)
-  train_step = jax.jit(make_train_step(model, spec, config.member_loop, mesh),
-                       donate_argnums=0)
+  init, train_step, dataset = build_program(model, spec, dataset, mesh,
+                                            config.member_loop)
   logging.info('%d member(s) in %d chunk(s) of %d rows over %d device(s) (%d'
                ' process(es)); members run by %s.', len(member_rows),
                len(sweep.chunks(len(member_rows), config.chunk_size)), rows, mesh.size,
@@ -514,12 +526,11 @@ def _train_chunk(config, compiled, states, dataset, step, mngr, chunk_rows,
       else:
         stop = stop or preemption.requested
       if log_now or stop:
-        rows = metric_rows(logged, chunk_rows, _fetch(metrics), 0.0)
+        metrics = _fetch(metrics)
         now = time.perf_counter()
         rate = (step - step_last) / max(now - t_last, 1e-9)
         t_last, step_last = now, step
-        for r in rows:
-          r['steps_per_sec'] = rate
+        rows = metric_rows(logged, chunk_rows, metrics, rate)
         _flag_frozen(rows, warned)
         if all(r['frozen'] for r in rows):
           raise FloatingPointError(

@@ -51,14 +51,9 @@ def bench(args, num_members, mesh):
                c_max=float(5 + i % 20), learning_rate=float(1e-4 * (1 + i % 5)))
           for i in range(num_members)]
   padded = sweep.padded_size(num_members, 0, mesh.size)
-  P = jax.sharding.PartitionSpec
-  member = jax.sharding.NamedSharding(mesh, P('member'))
-  dataset = jax.device_put(dataset, jax.sharding.NamedSharding(mesh, P()))
-  init = jax.jit(lambda h: train.init_states(model, h, dataset.observation_shape, spec),
-                 out_shardings=member)
+  init, step, dataset = train.build_program(model, spec, dataset, mesh,
+                                           config.member_loop)
   states = init(sweep.stack(sweep.pad(rows, padded)))
-  step = jax.jit(train.make_train_step(model, spec, config.member_loop, mesh),
-                 donate_argnums=0)
   t0 = time.perf_counter()
   compiled = step.lower(states, dataset).compile()
   compile_s = time.perf_counter() - t0
