@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.capvae-installed
 WORKDIR ?= runs/default
 SWEEP_WORKDIR ?= runs/capacity_sweep
+EVAL_FLAGS ?=
 
-.PHONY: install train sweep bench test clean
+.PHONY: install train sweep report bench test clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,11 @@ train: install
 sweep: install
 	$(BIN)/python -m capvae.main --config configs/capacity_sweep.py --workdir $(SWEEP_WORKDIR)
 	$(BIN)/python experiments/summarize_run.py $(SWEEP_WORKDIR)
+
+## report: evaluate every member of $(WORKDIR) (eval.json) and write $(WORKDIR)/report/index.html.
+## For the sweep: make report WORKDIR=runs/capacity_sweep. EVAL_FLAGS passes e.g. --eval_scale=0.1.
+report: install
+	$(BIN)/python -m capvae.main --mode=report --workdir $(WORKDIR) $(EVAL_FLAGS)
 
 ## bench: sweep throughput for M = 1, 4, 16, 64 members against the single-member program.
 bench: install

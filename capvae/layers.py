@@ -82,10 +82,16 @@ def conv_transpose2d(x, kernel):
 
 
 class Conv(nn.Module):
-  """``nn.Conv(features, kernel_size, strides, padding='SAME')``, as a matmul."""
+  """``nn.Conv(features, kernel_size, strides, padding='SAME')``, as a matmul.
+
+  ``impl='xla'`` computes the same function with XLA's own convolution, which
+  is the faster one on CPU for a forward pass at large batch (evaluation);
+  ``'matmul'`` (default) is the one that trains fast in every context.
+  """
   features: int
   kernel_size: Sequence[int]
   strides: Sequence[int] = (1, 1)
+  impl: str = 'matmul'
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
 
@@ -94,7 +100,12 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
-    return conv2d(x, kernel, self.strides) + bias
+    if self.impl == 'xla':
+      y = jax.lax.conv_general_dilated(x, kernel, self.strides, 'SAME',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    else:
+      y = conv2d(x, kernel, self.strides)
+    return y + bias
 
 
 class ConvTranspose(nn.Module):

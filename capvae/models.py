@@ -25,11 +25,13 @@ class ConvEncoder(nn.Module):
   latent_size: int
   convs: Sequence[tuple[int, int]]  # (features, kernel size), stride 2 each
   dense: Sequence[int]
+  conv_impl: str = 'matmul'  # see capvae.layers.Conv
 
   @nn.compact
   def __call__(self, x):
     for i, (features, k) in enumerate(self.convs):
-      x = nn.relu(layers.Conv(features, (k, k), strides=(2, 2), name=f'Conv_{i}')(x))
+      x = nn.relu(layers.Conv(features, (k, k), strides=(2, 2), impl=self.conv_impl,
+                              name=f'Conv_{i}')(x))
     x = x.reshape(x.shape[0], -1)
     for width in self.dense:
       x = nn.relu(nn.Dense(width)(x))

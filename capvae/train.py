@@ -571,6 +571,28 @@ def load_config(workdir: str):
     return ml_collections.ConfigDict(json.load(f))
 
 
+def load_chunk(workdir: str, chunk: int, ids, member_rows, model, dataset,
+               spec: StepSpec, step: int | None = None):
+  """``(states, step)``: chunk ``chunk``'s saved stack (every saved row, padding
+  included) at ``step`` (default: the latest), restored on one device."""
+  mngr = _manager(workdir, chunk, create=False)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+      raise config_lib.ConfigError(
+          f'{workdir}: no checkpoint {"" if step is None else step} for chunk {chunk}'
+          f' (members {ids[0]}..{ids[-1]}); saved steps: {list(mngr.all_steps())}.')
+    hparams = sweep.stack([member_rows[i] for i in ids])
+    abstract = jax.eval_shape(
+        lambda h: init_states(model, h, dataset.observation_shape, spec), hparams)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    states = mngr.restore(step, args=ocp.args.StandardRestore(
+        _with_sharding(abstract, _saved_rows(mngr, step), one)))
+  finally:
+    mngr.close()
+  return states, step
+
+
 def load_member(workdir: str, member: int, step: int | None = None):
   """``(config, model, state, row)`` of one member of a trained workdir.
 
@@ -588,22 +610,8 @@ def load_member(workdir: str, member: int, step: int | None = None):
   dataset = data.get(config.dataset, config.dataset_path)
   spec = StepSpec.from_config(config)
   model = models.get(config.model, config.latent_size, dataset.observation_shape)
-  mngr = _manager(workdir, chunk, create=False)
-  try:
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-      raise config_lib.ConfigError(
-          f'{workdir}: no checkpoint {"" if step is None else step} for chunk {chunk}'
-          f' (member {member}); saved steps: {list(mngr.all_steps())}.')
-    ids = sweep.chunks(len(member_rows), config.chunk_size)[chunk]
-    hparams = sweep.stack([member_rows[i] for i in ids])
-    abstract = jax.eval_shape(
-        lambda h: init_states(model, h, dataset.observation_shape, spec), hparams)
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    states = mngr.restore(step, args=ocp.args.StandardRestore(
-        _with_sharding(abstract, _saved_rows(mngr, step), one)))
-  finally:
-    mngr.close()
+  ids = sweep.chunks(len(member_rows), config.chunk_size)[chunk]
+  states, _ = load_chunk(workdir, chunk, ids, member_rows, model, dataset, spec, step)
   state = jax.tree.map(lambda a: a[row], states)
   return config, model, state, member_rows[member]
 

@@ -1,0 +1,294 @@
+r"""Evaluates every member of a trained run: what each model learned.
+
+  python -m capvae.main --mode=evaluate --workdir runs/default
+
+For each member of the run in ``workdir`` (one, or all members of a sweep) at
+its latest checkpoint, this computes
+
+* the disentanglement metrics of :mod:`capvae.metrics` (BetaVAE, FactorVAE,
+  MIG, DCI, SAP, Modularity, Explicitness) on the encoder means, at
+  disentanglement_lib's sample sizes times ``scale``;
+* per-latent KL and the reconstruction error on held-out draws (images drawn
+  with a seed of their own, independent of the training batches);
+* which factor each active latent encodes: the factor with which it shares
+  the most mutual information (20-bin discretisation of the mean), with that
+  MI divided by the factor's entropy.
+
+and writes ``eval.json`` to the workdir: one record per member, with its
+hyperparameters. Members of a sweep are evaluated together: each image is
+rendered once and encoded by every member in one program, and every grid
+point's codes are computed at most once (:class:`GridCodes`), however many
+times the metrics draw it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from capvae import config_lib, data, losses, metrics, models, sweep, train
+from capvae import train_state as ts
+from capvae.errors import ConfigError
+
+EVAL_FILE = 'eval.json'
+# A latent whose held-out KL is at least this many nats counts as active.
+ACTIVE_KL = 0.1
+DCI_ESTIMATORS = metrics.DCI_ESTIMATORS
+# Held-out draws for per-latent KL and reconstruction (times the scale).
+NUM_HELDOUT = 10_000
+# The headline number of each metric (keys of metrics.evaluate_all's scores).
+HEADLINE = {
+    'beta_vae': 'beta_vae.eval_accuracy',
+    'factor_vae': 'factor_vae.eval_accuracy',
+    'mig': 'mig',
+    'dci_disentanglement': 'dci.disentanglement',
+    'dci_completeness': 'dci.completeness',
+    'dci_informativeness': 'dci.informativeness_test',
+    'sap': 'sap',
+    'modularity': 'modularity',
+    'explicitness': 'explicitness_test',
+}
+
+
+class RunMembers:
+  """All members of a workdir at one checkpoint step, stacked on one device.
+
+  Attributes:
+    config: the run's config.
+    model: the Flax VAE.
+    dataset: the ground-truth dataset it trained on.
+    states: stacked :class:`~capvae.train_state.TrainState` of the real members
+      (padding rows dropped), leading axis = member.
+    rows: the member table (one dict of hyperparameters per member).
+    step: the checkpoint step.
+  """
+
+  def __init__(self, workdir: str, step: int | None = None):
+    self.config = config = train.load_config(workdir)
+    with open(os.path.join(workdir, train.MEMBERS_FILE)) as f:
+      self.rows = json.load(f)
+    self.dataset = data.get(config.dataset, config.dataset_path)
+    self.spec = train.StepSpec.from_config(config)
+    self.model = models.get(config.model, config.latent_size,
+                            self.dataset.observation_shape)
+    chunk_size = int(config.get('chunk_size', 0))
+    parts, steps = [], set()
+    for chunk, ids in enumerate(sweep.chunks(len(self.rows), chunk_size)):
+      states, saved = train.load_chunk(workdir, chunk, ids, self.rows, self.model,
+                                       self.dataset, self.spec, step)
+      steps.add(saved)
+      parts.append(jax.tree.map(lambda a, n=len(ids): a[:n], states))
+    if len(steps) != 1:
+      raise ConfigError(f'{workdir}: chunks were saved at different steps {sorted(steps)};'
+                        ' finish training (or pass --step) first.')
+    self.step = steps.pop()
+    self.states = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+  @property
+  def num_members(self) -> int:
+    return len(self.rows)
+
+
+class GridCodes:
+  """Encoder means of every member for grid points, each computed at most once.
+
+  ``codes_fn(m)`` is the representation function of member ``m`` for
+  :mod:`capvae.metrics`: factor rows ``[n, K]`` → means ``[n, L]``. Points
+  not yet seen are rendered and encoded, in chunks of ``chunk`` images, by all
+  members at once; then every member's codes for them are kept.
+  """
+
+  def __init__(self, model, dataset, params, chunk: int = 1024):
+    self.dataset = dataset
+    self.chunk = chunk
+    num_members = jax.tree.leaves(params)[0].shape[0]
+    latent = None
+    self._params = params
+    # The same function with XLA's convolutions: faster for a forward pass.
+    encoder = model.encoder
+    if hasattr(encoder, 'conv_impl'):
+      encoder = encoder.clone(conv_impl='xla')
+
+    def encode(params, factors):
+      x = dataset.render(factors)
+      means = jax.lax.map(
+          lambda p: encoder.apply({'params': p['params']['encoder']}, x)[0], params)
+      return means  # [M, chunk, L]
+
+    self._encode = jax.jit(encode)
+    latent = jax.eval_shape(
+        self._encode, params,
+        jax.ShapeDtypeStruct((chunk, len(dataset.factor_sizes)), jnp.int32)).shape[-1]
+    self.codes = np.zeros((num_members, dataset.num_examples, latent), np.float32)
+    self.filled = np.zeros((dataset.num_examples,), bool)
+    self.strides = np.asarray(_strides(dataset.factor_sizes), np.int64)
+    self.encoded = 0  # images encoded so far (per member)
+    self.seconds = 0.0
+
+  def _fill(self, flat: np.ndarray) -> None:
+    todo = np.unique(flat[~self.filled[flat]])
+    if not todo.size:
+      return
+    t0 = time.perf_counter()
+    factors = _unflatten(todo, self.dataset.factor_sizes)
+    for start in range(0, todo.size, self.chunk):
+      part = factors[start:start + self.chunk]
+      n = part.shape[0]
+      if n < self.chunk:
+        part = np.concatenate([part, np.repeat(part[-1:], self.chunk - n, axis=0)])
+      means = np.asarray(self._encode(self._params, jnp.asarray(part, jnp.int32)))
+      self.codes[:, todo[start:start + n]] = means[:, :n]
+    self.filled[todo] = True
+    self.encoded += todo.size
+    self.seconds += time.perf_counter() - t0
+
+  def codes_fn(self, member: int):
+    def fn(factors: np.ndarray) -> np.ndarray:
+      flat = np.asarray(factors, np.int64) @ self.strides
+      self._fill(flat)
+      return self.codes[member, flat]
+    return fn
+
+
+def _strides(sizes: Sequence[int]) -> list[int]:
+  out, acc = [], 1
+  for s in reversed(sizes):
+    out.append(acc)
+    acc *= s
+  return out[::-1]
+
+
+def _unflatten(flat: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+  return np.stack(np.unravel_index(flat, tuple(sizes)), axis=1).astype(np.int32)
+
+
+def heldout_stats(run: RunMembers, num_images: int, seed: int, batch: int = 500):
+  """Per-latent KL ``[M, L]``, reconstruction ``[M]`` (sampled z, the training
+  estimate) and reconstruction from the mean ``[M]``, averaged over
+  ``num_images`` held-out draws, plus those draws' factors."""
+  model, spec, dataset = run.model, run.spec, run.dataset
+
+  def one(args, x, key):
+    params, hparams = args
+    out, mean, logvar = model.apply(params, x, key)
+    out_mean = model.apply(params, mean, method=models.VAE.decode)
+    return (jnp.sum(losses.gaussian_kl(mean, logvar), axis=0),
+            jnp.sum(train.reconstruction(spec, out, x, hparams)),
+            jnp.sum(train.reconstruction(spec, out_mean, x, hparams)))
+
+  @jax.jit
+  def stats(states, key):
+    fkey, zkey = jax.random.split(key)
+    x = dataset.render(dataset.sample_factors(fkey, batch))
+    return jax.lax.map(lambda a: one(a, x, zkey), (states.params, states.hparams))
+
+  num_batches = max(1, math.ceil(num_images / batch))
+  base = jax.random.fold_in(jax.random.key(seed), 1)
+  totals = None
+  for b in range(num_batches):
+    out = jax.device_get(stats(run.states, jax.random.fold_in(base, b)))
+    totals = out if totals is None else jax.tree.map(np.add, totals, out)
+  n = num_batches * batch
+  kl, rec, rec_mean = (np.asarray(t, np.float64) / n for t in totals)
+  return kl, rec, rec_mean
+
+
+def latent_factors(kl_per_latent, mi, factor_sizes, factor_names):
+  """What each active latent encodes: ``[{latent, kl, factor, mi, normalized_mi}]``,
+  latents in order of decreasing KL; ``mi`` is ``[L, K]`` in nats."""
+  entropy = np.log(np.asarray(factor_sizes, np.float64))  # uniform factors
+  out = []
+  for j in np.argsort(-np.asarray(kl_per_latent)):
+    if kl_per_latent[j] < ACTIVE_KL:
+      continue
+    k = int(np.argmax(mi[j]))
+    out.append({'latent': int(j), 'kl': float(kl_per_latent[j]),
+                'factor': factor_names[k], 'mi': float(mi[j, k]),
+                'normalized_mi': float(mi[j, k] / entropy[k])})
+  return out
+
+
+def check_settings(scale: float, dci_estimator: str, seed: int) -> None:
+  if not (isinstance(scale, (int, float)) and math.isfinite(scale) and 0 < scale <= 1):
+    raise ConfigError(f'--eval_scale={scale}: must be in (0, 1] (1 = disentanglement_lib'
+                      ' sample sizes).')
+  if dci_estimator not in DCI_ESTIMATORS:
+    raise ConfigError(f'--dci_estimator={dci_estimator!r} is unknown; allowed:'
+                      f' {list(DCI_ESTIMATORS)}.')
+  if seed < 0:
+    raise ConfigError(f'--eval_seed={seed}: must be >= 0.')
+
+
+def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
+             seed: int = 0, step: int | None = None,
+             sizes: dict[str, int] | None = None) -> dict[str, Any]:
+  """Evaluates every member of ``workdir`` and writes ``eval.json``; returns it.
+
+  Args:
+    workdir: a trained run (single or sweep).
+    scale: sample sizes as a fraction of disentanglement_lib's, in (0, 1].
+    dci_estimator: ``'fast'`` or ``'gbt'`` (see :func:`capvae.metrics.dci`).
+    seed: seed of every metric's draws (same seed, same numbers).
+    step: checkpoint step (default: the latest).
+    sizes: overrides of single sample sizes (keys of
+      :data:`capvae.metrics.DEFAULT_SIZES`), applied after ``scale``.
+  """
+  check_settings(scale, dci_estimator, seed)
+  sizes = metrics.check_sizes({**metrics.default_sizes(scale), **(sizes or {})})
+  t0 = time.perf_counter()
+  run = RunMembers(workdir, step)
+  dataset = run.dataset
+  num_heldout = max(100, round(NUM_HELDOUT * scale))
+  logging.info('evaluating %d member(s) of %s at step %d (sample sizes %s)',
+               run.num_members, workdir, run.step, sizes)
+  kl, rec, rec_mean = heldout_stats(run, num_heldout, seed)
+  grid = GridCodes(run.model, dataset, run.states.params)
+  records = []
+  for m, row in enumerate(run.rows):
+    scores, times, mi = metrics.evaluate_all(
+        grid.codes_fn(m), dataset.factor_sizes, seed=seed, sizes=sizes,
+        dci_estimator=dci_estimator)
+    values = {name: scores[key] for name, key in HEADLINE.items()}
+    frozen = bool(np.asarray(run.states.frozen[m]))
+    records.append({
+        **row, 'member': m, 'step': run.step, 'frozen': frozen,
+        'metrics': values, 'scores': scores, 'seconds': times,
+        'kl': float(kl[m].sum()), 'kl_per_latent': kl[m].tolist(),
+        'rec': float(rec[m]), 'rec_from_mean': float(rec_mean[m]),
+        'active_latents': int(np.sum(kl[m] >= ACTIVE_KL)),
+        'latent_factors': latent_factors(kl[m], mi, dataset.factor_sizes,
+                                         dataset.factor_names),
+        'mutual_information': np.asarray(mi).tolist(),
+    })
+    logging.info('member %d: %s', m, ', '.join(
+        f'{k} {v:.3f}' for k, v in values.items()))
+  result = {
+      'workdir': os.path.abspath(workdir), 'step': run.step,
+      'factor_names': list(dataset.factor_names),
+      'factor_sizes': list(dataset.factor_sizes),
+      'settings': {'scale': scale, 'dci_estimator': dci_estimator, 'seed': seed,
+                   'active_kl': ACTIVE_KL, 'num_heldout': num_heldout, **sizes},
+      'encoded_images_per_member': grid.encoded, 'encode_seconds': grid.seconds,
+      'seconds': time.perf_counter() - t0,
+      'members': records,
+  }
+  if jax.process_index() == 0:
+    train._write_json(os.path.join(workdir, EVAL_FILE), result)
+  return result
+
+
+def load(workdir: str) -> dict[str, Any] | None:
+  path = os.path.join(workdir, EVAL_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)

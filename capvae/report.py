@@ -1,0 +1,426 @@
+r"""Figures and one offline HTML page about a trained run.
+
+  python -m capvae.main --mode=report --workdir runs/default
+
+writes ``report/`` in the workdir (evaluating first when ``eval.json`` is
+missing or older than the latest checkpoint):
+
+* ``kl_latents_mNNN.png``: per-latent KL over training with C(t) drawn over it
+  (Burgess et al. 2018, Fig. 3), latents ordered by final KL;
+* ``kl_minus_c.png``: KL − C over training, steps where the gap exceeded
+  1 nat marked (raise gamma until KL stays within about a nat of C);
+* ``traversals_mNNN.png``: rows = latents sorted by held-out KL, columns =
+  values of that latent from −2.5 to 2.5 with the others at a reference
+  image's means;
+* ``reconstructions_mNNN.png``: inputs beside their reconstructions;
+* for sweeps, ``sweep_metrics.png``: each metric against the swept
+  hyperparameters (a heatmap for two axes, lines with the seed spread for one);
+* ``index.html``: all of it, images embedded, readable offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from capvae import evaluate, models, train  # noqa: E402
+from capvae import train_state as ts  # noqa: E402
+from capvae.errors import ConfigError  # noqa: E402
+
+REPORT_DIR = 'report'
+GAP_NATS = 1.0  # the KL-follows-C tolerance marked in the diagnostic
+TRAVERSAL_VALUES = np.linspace(-2.5, 2.5, 11)
+# Metrics drawn against the swept hyperparameters (keys of eval.json's metrics).
+SWEEP_METRICS = tuple(evaluate.HEADLINE)
+SWEEP_AXES = tuple(h for h in ts.HPARAM_NAMES if h != 'seed')
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, train.METRICS_FILE)
+  if not os.path.exists(path):
+    raise ConfigError(f'{path} does not exist: train the run in {workdir} first.')
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _member_rows(rows, member: int):
+  return sorted((r for r in rows if r['member'] == member), key=lambda r: r['step'])
+
+
+def _num(v) -> float:
+  return float('nan') if v is None else float(v)
+
+
+def _label(rec: dict[str, Any], varying: Sequence[str]) -> str:
+  parts = [f'{k}={rec[k]:g}' for k in varying if k in rec]
+  return f'member {rec["member"]}' + (f' ({", ".join(parts)})' if parts else '')
+
+
+def gap_steps(rows) -> list[int]:
+  """Logged steps where C > 0 and |KL − C| exceeded ``GAP_NATS``."""
+  return [r['step'] for r in rows if r.get('c') and r.get('kl_minus_c') is not None
+          and abs(r['kl_minus_c']) > GAP_NATS]
+
+
+def varying_hparams(records) -> list[str]:
+  return [h for h in ts.HPARAM_NAMES if len({r.get(h) for r in records}) > 1]
+
+
+# --------------------------------------------------------------------------
+# Figures (each returns a matplotlib figure).
+# --------------------------------------------------------------------------
+
+
+def fig_kl_latents(rows, title: str):
+  """Per-latent KL and total KL over training, with C(t) dashed."""
+  steps = np.array([r['step'] for r in rows])
+  kl = np.array([[_num(v) for v in r['kl_per_latent']] for r in rows])
+  order = np.argsort(-np.nan_to_num(kl[-1], nan=-1.0))
+  fig, ax = plt.subplots(figsize=(7.5, 4.2))
+  cmap = plt.get_cmap('tab10' if kl.shape[1] <= 10 else 'tab20')
+  for rank, j in enumerate(order):
+    ax.plot(steps, kl[:, j], color=cmap(rank % cmap.N), lw=1.3,
+            label=f'z{j}: {kl[-1, j]:.2f}')
+  ax.plot(steps, np.nansum(kl, axis=1), color='0.35', lw=2.2, label='total KL')
+  if all(r.get('c') is not None for r in rows) and any(r.get('c') for r in rows):
+    ax.plot(steps, [r['c'] for r in rows], 'k--', lw=1.6, label='C(t)')
+  ax.set_xlabel('training step')
+  ax.set_ylabel('KL (nats, batch mean)')
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=7, ncol=2, loc='upper left', title='final KL, ordered',
+            title_fontsize=7)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return fig
+
+
+def fig_kl_minus_c(rows_by_member, labels):
+  """KL − C per member; steps with |KL − C| > 1 nat marked."""
+  n = len(rows_by_member)
+  cols = min(n, 3)
+  nrows = math.ceil(n / cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.0 * nrows), squeeze=False,
+                           sharex=True)
+  for ax, rows, label in zip(axes.flat, rows_by_member, labels):
+    steps = np.array([r['step'] for r in rows])
+    gap = np.array([_num(r.get('kl_minus_c')) for r in rows])
+    ax.axhspan(-GAP_NATS, GAP_NATS, color='tab:green', alpha=0.12, lw=0)
+    ax.axhline(0, color='k', lw=0.8)
+    ax.plot(steps, gap, color='tab:blue', lw=1.2)
+    c = np.array([_num(r.get('c')) for r in rows])
+    bad = (np.abs(gap) > GAP_NATS) & (c > 0)
+    ax.plot(steps[bad], gap[bad], 'o', color='tab:red', ms=3.5,
+            label=f'|KL − C| > {GAP_NATS:g} nat: {int(bad.sum())} of {len(steps)} logs')
+    ax.set_title(label, fontsize=8)
+    ax.set_ylabel('KL − C (nats)', fontsize=8)
+    ax.legend(fontsize=7, loc='best')
+    ax.grid(alpha=0.3)
+  for ax in axes.flat[n:]:
+    ax.axis('off')
+  for ax in axes[-1]:
+    ax.set_xlabel('training step')
+  fig.tight_layout()
+  return fig
+
+
+def _image_grid(images: np.ndarray) -> np.ndarray:
+  """``[R, C, H, W, ch]`` → one ``[R·(H+1), C·(W+1), ch]`` image with 1-px gaps."""
+  r, c, h, w, ch = images.shape
+  out = np.ones((r * (h + 1) - 1, c * (w + 1) - 1, ch), np.float32)
+  for i in range(r):
+    for j in range(c):
+      out[i * (h + 1):i * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = images[i, j]
+  return out
+
+
+def _show(ax, img):
+  if img.shape[-1] == 1:
+    ax.imshow(img[..., 0], cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+  else:
+    ax.imshow(np.clip(img, 0, 1), interpolation='nearest')
+
+
+def fig_traversals(images, latents, kls, title: str):
+  """``images`` ``[L, V, H, W, ch]``; rows labelled with latent index and KL."""
+  grid = _image_grid(images)
+  h = images.shape[2] + 1
+  fig, ax = plt.subplots(figsize=(0.62 * images.shape[1] + 1.4, 0.62 * images.shape[0] + 0.9))
+  _show(ax, grid)
+  ax.set_yticks([h * i + h / 2 - 1 for i in range(len(latents))])
+  ax.set_yticklabels([f'z{j} ({k:.2f})' for j, k in zip(latents, kls)], fontsize=7)
+  w = images.shape[3] + 1
+  ax.set_xticks([w * i + w / 2 - 1 for i in range(images.shape[1])])
+  ax.set_xticklabels([f'{v:g}' for v in TRAVERSAL_VALUES], fontsize=7)
+  ax.set_xlabel('latent value (others at a reference image\'s means)', fontsize=8)
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
+def fig_reconstructions(inputs, recons, title: str):
+  grid = _image_grid(np.stack([inputs, recons]))
+  fig, ax = plt.subplots(figsize=(0.75 * inputs.shape[0] + 1.2, 2.3))
+  _show(ax, grid)
+  h = inputs.shape[1] + 1
+  ax.set_yticks([h / 2 - 1, h + h / 2 - 1])
+  ax.set_yticklabels(['input', 'reconstruction'], fontsize=8)
+  ax.set_xticks([])
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
+def fig_sweep_metrics(records, names: Sequence[str]):
+  """Each metric against the swept hyperparameters (seeds pooled)."""
+  axes_names = [h for h in varying_hparams(records) if h in SWEEP_AXES]
+  if not axes_names:
+    axes_names = ['member']
+  names = [n for n in names if all(n in r['metrics'] for r in records)]
+  cols = min(len(names), 3)
+  nrows = math.ceil(len(names) / cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows), squeeze=False)
+  for ax, name in zip(axes.flat, names):
+    if len(axes_names) == 2:
+      a, b = axes_names
+      va, vb = sorted({r[a] for r in records}), sorted({r[b] for r in records})
+      grid = np.full((len(va), len(vb)), np.nan)
+      for i, x in enumerate(va):
+        for j, y in enumerate(vb):
+          vals = [_num(r['metrics'][name]) for r in records if r[a] == x and r[b] == y]
+          if vals:
+            grid[i, j] = np.nanmean(vals)
+      im = ax.imshow(grid, cmap='viridis', aspect='auto', origin='lower')
+      for i in range(len(va)):
+        for j in range(len(vb)):
+          ax.text(j, i, f'{grid[i, j]:.2f}', ha='center', va='center', fontsize=8,
+                  color='w' if grid[i, j] < np.nanmean(grid) else 'k')
+      ax.set_xticks(range(len(vb)), [f'{v:g}' for v in vb], fontsize=7)
+      ax.set_yticks(range(len(va)), [f'{v:g}' for v in va], fontsize=7)
+      ax.set_xlabel(b, fontsize=8)
+      ax.set_ylabel(a, fontsize=8)
+      fig.colorbar(im, ax=ax, fraction=0.046)
+    else:
+      for a in axes_names:
+        key = (lambda r, a=a: r[a]) if a != 'member' else (lambda r: r['member'])
+        xs = sorted({key(r) for r in records})
+        mean, lo, hi = [], [], []
+        for x in xs:
+          vals = np.array([_num(r['metrics'][name]) for r in records if key(r) == x])
+          mean.append(np.nanmean(vals)), lo.append(np.nanmin(vals)), hi.append(np.nanmax(vals))
+          ax.plot([x] * len(vals), vals, '.', color='0.5', ms=4)
+        line, = ax.plot(xs, mean, 'o-', lw=1.5, label=f'{a} (mean over seeds)')
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        if a not in ('member', 'seed') and min(xs) > 0 and max(xs) / min(xs) >= 20:
+          ax.set_xscale('log')
+      ax.set_xlabel(', '.join(axes_names), fontsize=8)
+      ax.legend(fontsize=7)
+      ax.grid(alpha=0.3)
+    ax.set_title(name, fontsize=9)
+  for ax in axes.flat[len(names):]:
+    ax.axis('off')
+  fig.tight_layout()
+  return fig
+
+
+# --------------------------------------------------------------------------
+# Images from the model.
+# --------------------------------------------------------------------------
+
+
+def _to_pixels(reconstruction: str, out):
+  if reconstruction == 'bernoulli':
+    return jax.nn.sigmoid(out)
+  return jnp.clip(out, 0.0, 1.0)
+
+
+def model_images(run: 'evaluate.RunMembers', member: int, order, seed: int = 0,
+                 num_recons: int = 8):
+  """``(traversals [L, V, ...], inputs [n, ...], reconstructions [n, ...])`` of one member."""
+  params = jax.tree.map(lambda a: a[member], run.states.params)
+  model, dataset = run.model, run.dataset
+  key = jax.random.fold_in(jax.random.key(seed), 2)
+  x = dataset.render(dataset.sample_factors(key, num_recons))
+  mean, _ = model.apply(params, x, method=models.VAE.encode)
+  recon = _to_pixels(run.config.reconstruction,
+                     model.apply(params, mean, method=models.VAE.decode))
+  values = jnp.asarray(TRAVERSAL_VALUES, jnp.float32)
+  base = mean[0]
+  codes = jnp.stack([base.at[j].set(v) for j in order for v in values])
+  pics = _to_pixels(run.config.reconstruction,
+                    model.apply(params, codes, method=models.VAE.decode))
+  pics = np.asarray(pics).reshape(len(order), len(values), *pics.shape[1:])
+  return pics, np.asarray(x), np.asarray(recon)
+
+
+# --------------------------------------------------------------------------
+# The page.
+# --------------------------------------------------------------------------
+
+
+def _png(fig, path: str) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=110)
+  plt.close(fig)
+  data = buf.getvalue()
+  with open(path, 'wb') as f:
+    f.write(data)
+  return data
+
+
+def _img(data: bytes, alt: str) -> str:
+  return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,'
+          f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(alt)}'
+          '</figcaption></figure>')
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f'{v:.3g}' if abs(v) < 1e4 else f'{v:.4g}'
+  return html.escape(str(v))
+
+
+def _table(header, body) -> str:
+  head = ''.join(f'<th>{html.escape(h)}</th>' for h in header)
+  rows = ''.join('<tr>' + ''.join(f'<td>{_fmt(c)}</td>' for c in row) + '</tr>'
+                 for row in body)
+  return (f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody>'
+          '</table></div>')
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;
+max-width:1180px;color:#1b1b1b;line-height:1.4;padding:0 16px}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ccc}
+h3{font-size:1.02em}table{border-collapse:collapse;font-size:.82em;margin:.6em 0}
+.wide{overflow-x:auto}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f2f2f2}
+figure{display:inline-block;margin:6px 10px 12px 0;vertical-align:top}
+figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.8em;color:#555}
+.note{color:#555;font-size:.9em}code{background:#f4f4f4;padding:0 3px}
+"""
+
+_SCRIPT = """
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; });
+  document.body.setAttribute('data-images-loaded', ok.length + '/' + imgs.length);
+  document.getElementById('loaded').textContent = ok.length + ' of ' + imgs.length +
+      ' figures loaded.';
+});
+"""
+
+
+def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 'fast',
+                 seed: int = 0, sizes: dict[str, int] | None = None) -> str:
+  """Writes ``report/`` (figures and ``index.html``) for ``workdir``; returns the page path.
+
+  ``eval.json`` is reused when it holds every member at the latest checkpoint;
+  otherwise :func:`capvae.evaluate.evaluate` runs first with these settings.
+  """
+  evaluate.check_settings(eval_scale, dci_estimator, seed)
+  rows = read_metrics(workdir)
+  run = evaluate.RunMembers(workdir)
+  result = evaluate.load(workdir)
+  if result is None or result.get('step') != run.step or len(result['members']) != run.num_members:
+    result = evaluate.evaluate(workdir, scale=eval_scale, dci_estimator=dci_estimator,
+                               seed=seed, sizes=sizes)
+  records = result['members']
+  out_dir = os.path.join(workdir, REPORT_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  config = run.config
+  varying = varying_hparams(records)
+  capacity = config.objective == 'capacity'
+  sweep_mode = len(records) > 1
+
+  parts = [f'<h1>capvae report: {html.escape(os.path.basename(os.path.abspath(workdir)))}</h1>']
+  parts.append(
+      f'<p class="note">Workdir <code>{html.escape(os.path.abspath(workdir))}</code>,'
+      f' checkpoint step {run.step}, {len(records)} member(s). Model'
+      f' <code>{config.model}</code>, {config.latent_size} latents, dataset'
+      f' <code>{config.dataset}</code>, objective <code>{config.objective}</code>'
+      f' ({config.reconstruction} reconstruction'
+      + (f', {config.schedule} capacity schedule, penalty {config.capacity_penalty}'
+         if capacity else '') + '). Metrics at '
+      f'{result["settings"]["scale"]:g}× disentanglement_lib sample sizes, DCI by'
+      f' <code>{result["settings"]["dci_estimator"]}</code>, on encoder means.'
+      ' <span id="loaded"></span></p>')
+
+  # Members and metrics.
+  metric_names = list(records[0]['metrics'])
+  parts.append('<h2>Metrics</h2>')
+  parts.append(_table(
+      ['member', *varying, 'KL', 'rec', 'active', *metric_names],
+      [[r['member'], *[r[h] for h in varying], r['kl'], r['rec'], r['active_latents'],
+        *[r['metrics'][k] for k in metric_names]] for r in records]))
+  parts.append('<p class="note">KL and rec: held-out means (nats per image) over '
+               f'{result["settings"].get("num_heldout", "")} fresh draws; active: latents'
+               f' with KL ≥ {evaluate.ACTIVE_KL:g} nats.</p>')
+  parts.append('<h2>What each active latent encodes</h2>')
+  parts.append(_table(
+      ['member', 'latent', 'KL', 'factor (max MI)', 'MI / H(factor)'],
+      [[r['member'], f'z{lf["latent"]}', lf['kl'], lf['factor'], lf['normalized_mi']]
+       for r in records for lf in r['latent_factors']]))
+
+  if sweep_mode:
+    parts.append('<h2>Metrics against the swept hyperparameters</h2>')
+    data = _png(fig_sweep_metrics(records, SWEEP_METRICS),
+                os.path.join(out_dir, 'sweep_metrics.png'))
+    parts.append(_img(data, 'Each metric against the swept hyperparameters'
+                      ' (heatmaps: mean over seeds; lines: mean, band: seed range).'))
+
+  if capacity:
+    parts.append('<h2>Did KL follow C?</h2>')
+    by_member = [_member_rows(rows, r['member']) for r in records]
+    data = _png(fig_kl_minus_c(by_member, [_label(r, varying) for r in records]),
+                os.path.join(out_dir, 'kl_minus_c.png'))
+    worst = []
+    for r, mr in zip(records, by_member):
+      over = gap_steps(mr)
+      worst.append([r['member'], *[r[h] for h in varying], len(over), len(mr),
+                    ', '.join(map(str, over[:8])) + (' …' if len(over) > 8 else '')])
+    parts.append(_img(data, f'KL − C over training; red: logged steps where |KL − C| >'
+                      f' {GAP_NATS:g} nat. If KL lags C, raise gamma.'))
+    parts.append(_table(['member', *varying, f'logs with |KL−C|>{GAP_NATS:g}', 'logs',
+                         'steps (C > 0)'], worst))
+
+  for r in records:
+    m = r['member']
+    mr = _member_rows(rows, m)
+    label = _label(r, varying)
+    parts.append(f'<h2>{html.escape(label)}</h2>')
+    if r.get('frozen'):
+      parts.append('<p><b>This member froze (diverged); its last finite parameters are'
+                   ' shown.</b></p>')
+    data = _png(fig_kl_latents(mr, f'{label}: per-latent KL over training'),
+                os.path.join(out_dir, f'kl_latents_m{m:03d}.png'))
+    parts.append(_img(data, 'Per-latent KL (batch means) over training'
+                      + (', C(t) dashed' if capacity else '') + '; legend ordered by final KL.'))
+    order = list(np.argsort(-np.asarray(r['kl_per_latent'])))
+    pics, inputs, recons = model_images(run, m, order, seed=seed)
+    data = _png(fig_traversals(pics, order, [r['kl_per_latent'][j] for j in order],
+                               f'{label}: traversals'),
+                os.path.join(out_dir, f'traversals_m{m:03d}.png'))
+    parts.append(_img(data, 'Latent traversals; rows: latents by held-out KL (nats).'))
+    data = _png(fig_reconstructions(inputs, recons, f'{label}: reconstructions'),
+                os.path.join(out_dir, f'reconstructions_m{m:03d}.png'))
+    parts.append(_img(data, 'Held-out inputs and their reconstructions (from the means).'))
+
+  page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+          f'<title>capvae report: {html.escape(os.path.basename(os.path.abspath(workdir)))}'
+          f'</title><style>{_STYLE}</style></head><body>{"".join(parts)}'
+          f'<script>{_SCRIPT}</script></body></html>')
+  path = os.path.join(out_dir, 'index.html')
+  with open(path, 'w') as f:
+    f.write(page)
+  return path

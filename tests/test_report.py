@@ -1,0 +1,184 @@
+"""Evaluation of trained runs (eval.json) and the report (figures, index.html)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from capvae import evaluate, models, report, train
+from conftest import ROOT, load_config
+
+SCALE = 0.01  # 1% of disentanglement_lib's sample sizes: seconds, not minutes
+SIZES = dict(beta_vae_batch_size=8, factor_vae_batch_size=8)
+
+
+@pytest.fixture(scope='module')
+def sweep_dir(tmp_path_factory):
+  """A trained three-member sweep (configs/test_sweep.py), evaluated at SCALE."""
+  workdir = str(tmp_path_factory.mktemp('sweep'))
+  train.train_and_evaluate(load_config('test_sweep'), workdir)
+  evaluate.evaluate(workdir, scale=SCALE, seed=0, sizes=SIZES)
+  return workdir
+
+
+def _eval(workdir):
+  with open(os.path.join(workdir, evaluate.EVAL_FILE)) as f:
+    return json.load(f)
+
+
+def test_eval_json_has_one_record_per_member_with_its_hyperparameters(sweep_dir):
+  result = _eval(sweep_dir)
+  with open(os.path.join(sweep_dir, train.MEMBERS_FILE)) as f:
+    members = json.load(f)
+  assert result['step'] == 8
+  assert len(result['members']) == len(members) == 3
+  assert result['factor_names'] == ['shape', 'scale', 'orientation', 'posX', 'posY']
+  for rec, row in zip(result['members'], members):
+    for k, v in row.items():
+      assert rec[k] == v, k
+    assert len(rec['kl_per_latent']) == 4
+    assert rec['kl'] == pytest.approx(sum(rec['kl_per_latent']), rel=1e-6)
+    assert np.asarray(rec['mutual_information']).shape == (4, 5)
+    for name in report.SWEEP_METRICS:
+      assert name in rec['metrics'], name
+      assert np.isfinite(rec['metrics'][name]), name
+    assert rec['active_latents'] == sum(k >= evaluate.ACTIVE_KL for k in rec['kl_per_latent'])
+    # latent_factors lists exactly the active latents, by decreasing KL.
+    kls = [lf['kl'] for lf in rec['latent_factors']]
+    assert kls == sorted(kls, reverse=True) and len(kls) == rec['active_latents']
+
+
+def test_grid_codes_equal_each_members_own_encoder(sweep_dir):
+  """The shared cache gives every member the means its own restored model gives."""
+  run = evaluate.RunMembers(sweep_dir)
+  grid = evaluate.GridCodes(run.model, run.dataset, run.states.params, chunk=64)
+  rng = np.random.default_rng(0)
+  factors = np.stack([rng.integers(0, s, 150) for s in run.dataset.factor_sizes], 1)
+  factors = np.concatenate([factors, factors[:20]])  # repeats are served from the cache
+  for m in range(run.num_members):
+    _, model, state, _ = train.load_member(sweep_dir, m)
+    x = run.dataset.render(factors)
+    want = np.asarray(model.apply(state.params, x, method=models.VAE.encode)[0])
+    np.testing.assert_allclose(grid.codes_fn(m)(factors), want, rtol=1e-5, atol=1e-5)
+  assert grid.encoded == len(np.unique(run.dataset.flat_index(factors)))
+
+
+def test_heldout_kl_matches_a_direct_computation(sweep_dir):
+  run = evaluate.RunMembers(sweep_dir)
+  kl, rec, rec_mean = evaluate.heldout_stats(run, num_images=40, seed=3, batch=20)
+  base = jax.random.fold_in(jax.random.key(3), 1)
+  for m in range(run.num_members):
+    _, model, state, _ = train.load_member(sweep_dir, m)
+    per_batch = []
+    for b in range(2):
+      fkey, _ = jax.random.split(jax.random.fold_in(base, b))
+      x = run.dataset.render(run.dataset.sample_factors(fkey, 20))
+      mean, logvar = model.apply(state.params, x, method=models.VAE.encode)
+      per_batch.append(0.5 * (np.exp(logvar) + np.square(mean) - 1 - logvar))
+    want = np.concatenate(per_batch).mean(axis=0)
+    np.testing.assert_allclose(kl[m], want, rtol=1e-4, atol=1e-6)
+    assert rec[m] > 0 and rec_mean[m] > 0
+
+
+def test_latent_factors_picks_the_factor_of_largest_mi():
+  mi = np.array([[0.1, 2.0, 0.0], [1.0, 0.2, 0.1], [0.01, 0.0, 0.02]])
+  out = evaluate.latent_factors(np.array([0.5, 3.0, 0.01]), mi, (2, 10, 4),
+                                ('a', 'b', 'c'))
+  assert [o['latent'] for o in out] == [1, 0]  # z2 is inactive
+  assert [o['factor'] for o in out] == ['a', 'b']
+  assert out[0]['normalized_mi'] == pytest.approx(1.0 / np.log(2))
+  assert out[1]['normalized_mi'] == pytest.approx(2.0 / np.log(10))
+
+
+def test_gap_steps_marks_logs_more_than_a_nat_from_c():
+  rows = [{'step': s, 'c': c, 'kl_minus_c': g} for s, c, g in
+          [(0, 0.0, 0.0), (10, 1.0, 1.5), (20, 2.0, -0.99), (30, 3.0, -2.0), (40, 3.0, None)]]
+  assert report.gap_steps(rows) == [10, 30]
+
+
+@pytest.fixture(scope='module')
+def sweep_report(sweep_dir):
+  return report.write_report(sweep_dir, eval_scale=SCALE, sizes=SIZES)
+
+
+def test_report_writes_every_figure(sweep_report, sweep_dir):
+  out = os.path.dirname(sweep_report)
+  names = set(os.listdir(out))
+  expected = {'index.html', 'kl_minus_c.png', 'sweep_metrics.png'}
+  for m in range(3):
+    expected |= {f'kl_latents_m{m:03d}.png', f'traversals_m{m:03d}.png',
+                 f'reconstructions_m{m:03d}.png'}
+  assert expected <= names
+  page = open(sweep_report).read()
+  # Self-contained: every image is embedded, nothing is fetched.
+  srcs = re.findall(r'<img[^>]*src="([^"]*)"', page)
+  assert len(srcs) == 3 * 3 + 2
+  assert all(s.startswith('data:image/png;base64,') for s in srcs)
+  assert 'http://' not in page and 'https://' not in page
+
+
+def test_report_re_evaluates_when_eval_json_is_stale(sweep_dir, tmp_path):
+  work = str(tmp_path / 'run')
+  shutil.copytree(sweep_dir, work)
+  result = _eval(work)
+  result['step'] = 4
+  with open(os.path.join(work, evaluate.EVAL_FILE), 'w') as f:
+    json.dump(result, f)
+  report.write_report(work, eval_scale=SCALE, sizes=SIZES)
+  assert _eval(work)['step'] == 8
+
+
+def _chromium():
+  for name in ('chromium', 'chromium-browser', 'google-chrome'):
+    if shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+@pytest.mark.skipif(_chromium() is None,
+                    reason='needs a headless Chromium (Debian: apt-get install chromium;'
+                    ' .ci/run installs it)')
+def test_report_renders_in_headless_chromium_with_every_image(sweep_report, tmp_path):
+  flags = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+           '--disable-background-networking', '--disable-component-update', '--disable-sync',
+           f'--user-data-dir={tmp_path / "profile"}', '--virtual-time-budget=10000']
+  url = 'file://' + os.path.abspath(sweep_report)
+  dom = subprocess.run([_chromium(), *flags, '--dump-dom', url], capture_output=True,
+                       text=True, timeout=180)
+  loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom.stdout)
+  assert loaded, dom.stderr[-2000:]
+  assert loaded.group(1) == loaded.group(2) == str(3 * 3 + 2)
+  shot = tmp_path / 'page.png'
+  subprocess.run([_chromium(), *flags, f'--screenshot={shot}', '--window-size=1200,2400',
+                  url], capture_output=True, timeout=180, check=True)
+  import matplotlib.image as mpimg
+  pixels = mpimg.imread(str(shot))
+  assert pixels.shape[:2] == (2400, 1200)
+  assert pixels[..., :3].std() > 0.05  # text, tables and figures, not a blank page
+
+
+def _cli(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, '-m', 'capvae.main', *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_cli_refuses_bad_evaluation_input_before_writing(sweep_dir, tmp_path):
+  missing = str(tmp_path / 'nothing')
+  proc = _cli('--mode=evaluate', f'--workdir={missing}')
+  assert proc.returncode == 2 and 'not a capvae workdir' in proc.stderr
+  assert not os.path.exists(missing)
+  before = {n: os.stat(os.path.join(sweep_dir, n)).st_mtime_ns for n in os.listdir(sweep_dir)}
+  for flag, message in [('--eval_scale=0', '--eval_scale=0.0: must be in (0, 1]'),
+                        ('--dci_estimator=svm', "--dci_estimator='svm' is unknown")]:
+    proc = _cli('--mode=report', f'--workdir={sweep_dir}', flag)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
+  after = {n: os.stat(os.path.join(sweep_dir, n)).st_mtime_ns for n in os.listdir(sweep_dir)}
+  assert after == before
+  proc = _cli('--mode=train', f'--workdir={missing}')
+  assert proc.returncode == 2 and '--config is required' in proc.stderr
