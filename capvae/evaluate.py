@@ -107,7 +107,7 @@ class GridCodes:
   members at once; then every member's codes for them are kept.
   """
 
-  def __init__(self, model, dataset, params, chunk: int = 1024):
+  def __init__(self, model, dataset, params, chunk: int = 128):
     self.dataset = dataset
     self.chunk = chunk
     num_members = jax.tree.leaves(params)[0].shape[0]

@@ -100,6 +100,8 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+    if self.impl not in ('matmul', 'xla'):
+      raise ValueError(f"Conv impl {self.impl!r} is unknown; allowed: ['matmul', 'xla'].")
     if self.impl == 'xla':
       y = jax.lax.conv_general_dilated(x, kernel, self.strides, 'SAME',
                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))

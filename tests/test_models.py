@@ -89,6 +89,8 @@ from capvae import layers  # noqa: E402
     (nn.Conv(32, (4, 4), (2, 2), padding='SAME'), layers.Conv(32, (4, 4), (2, 2)), (2, 8, 8, 32)),
     (nn.Conv(64, (2, 2), (2, 2), padding='SAME'), layers.Conv(64, (2, 2), (2, 2)), (2, 16, 16, 32)),
     (nn.Conv(8, (3, 3), (1, 1), padding='SAME'), layers.Conv(8, (3, 3), (1, 1)), (2, 7, 5, 3)),
+    (nn.Conv(32, (4, 4), (2, 2), padding='SAME'), layers.Conv(32, (4, 4), (2, 2), impl='xla'),
+     (3, 64, 64, 1)),
     (nn.ConvTranspose(32, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(32), (2, 4, 4, 32)),
     (nn.ConvTranspose(1, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(1), (2, 32, 32, 32)),
     (nn.ConvTranspose(5, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(5), (1, 3, 6, 2)),
