@@ -2,9 +2,10 @@
 
 from capvae.data.base import GroundTruthDataset
 from capvae.data import dsprites
+from capvae.data import shapes3d
 from capvae.errors import ConfigError
 
-DATASETS = ('dsprites',)
+DATASETS = ('dsprites', 'shapes3d_procedural')
 
 
 def get(name: str, path: str = '') -> GroundTruthDataset:
@@ -13,8 +14,14 @@ def get(name: str, path: str = '') -> GroundTruthDataset:
   Args:
     name: one of ``DATASETS``.
     path: for ``'dsprites'``, an optional official ``.npz``; empty means the
-      procedural renderer (offline, the default).
+      procedural renderer (offline, the default). ``'shapes3d_procedural'``
+      is always rendered (offline) and takes no path.
   """
   if name == 'dsprites':
     return dsprites.DSpritesNpz(path) if path else dsprites.ProceduralDSprites()
+  if name == 'shapes3d_procedural':
+    if path:
+      raise ConfigError(f'dataset_path: {name!r} is rendered procedurally and takes no'
+                        f' file; got {path!r}. Leave dataset_path empty.')
+    return shapes3d.ProceduralShapes3D()
   raise ConfigError(f'dataset {name!r} is unknown; allowed: {list(DATASETS)}.')
