@@ -86,7 +86,15 @@ SWEEP_KINDS = ('product', 'zip')
 
 def validate(config) -> None:
   """Raises :class:`ConfigError` on the first invalid field of ``config``."""
-  _choice(config, 'dataset', data.DATASETS)
+  if str(_get(config, 'dataset')).startswith('tfds:'):
+    from capvae.data import tfds_source  # pylint: disable=g-import-not-at-top
+    tfds_source.parse_name(config.dataset)
+  else:
+    _choice(config, 'dataset', data.DATASETS + ('tfds:<name>[/<config>][:<version>]',))
+  split = config.get('dataset_split', 'train')
+  if not isinstance(split, str) or not split:
+    raise ConfigError(f'config.dataset_split = {split!r}: must be a non-empty split name'
+                      " such as 'train' or 'train[:90%]'.")
   _choice(config, 'model', models.MODELS)
   _choice(config, 'objective', losses.OBJECTIVES)
   _choice(config, 'reconstruction', tuple(losses.RECONSTRUCTIONS))
@@ -95,7 +103,8 @@ def validate(config) -> None:
   _choice(config, 'optimizer', OPTIMIZERS)
   _choice(config, 'member_loop', MEMBER_LOOPS)
   if not isinstance(_get(config, 'dataset_path'), str):
-    raise ConfigError('config.dataset_path must be a string (empty: procedural).')
+    raise ConfigError('config.dataset_path must be a string (empty: procedural; for tfds:'
+                      ' datasets, the TFDS data_dir).')
   if not isinstance(_get(config, 'beta_norm'), bool):
     raise ConfigError('config.beta_norm must be True or False.')
   for name, rule in NUMBER_RULES.items():
@@ -170,9 +179,16 @@ def check_against_dataset(config, dataset) -> None:
         f' the dataset has {h}×{w}. Use model="mlp".')
 
 
+# Fields added after runs were saved without them, and the value such runs used.
+LATER_FIELDS = {'dataset_split': 'train'}
+
+
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:
   """The fields that define a run's trajectory (all but bookkeeping)."""
-  return {k: v for k, v in dict(config).items() if k not in BOOKKEEPING_FIELDS}
+  out = {k: v for k, v in dict(config).items() if k not in BOOKKEEPING_FIELDS}
+  for k, v in LATER_FIELDS.items():
+    out.setdefault(k, v)
+  return out
 
 
 def differences(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

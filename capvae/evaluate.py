@@ -76,7 +76,8 @@ class RunMembers:
     self.config = config = train.load_config(workdir)
     with open(os.path.join(workdir, train.MEMBERS_FILE)) as f:
       self.rows = json.load(f)
-    self.dataset = data.get(config.dataset, config.dataset_path)
+    self.dataset = data.get(config.dataset, config.dataset_path,
+                 config.get('dataset_split', 'train'))
     self.spec = train.StepSpec.from_config(config)
     self.model = models.get(config.model, config.latent_size,
                             self.dataset.observation_shape)
@@ -251,13 +252,25 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
   logging.info('evaluating %d member(s) of %s at step %d (sample sizes %s)',
                run.num_members, workdir, run.step, sizes)
   kl, rec, rec_mean = heldout_stats(run, num_heldout, seed)
-  grid = GridCodes(run.model, dataset, run.states.params)
+  # Factor metrics need factors over a whole grid; an unlabelled image
+  # dataset (tfds:mnist, ...) gets held-out KL and reconstruction only.
+  has_factors = (getattr(dataset, 'has_factors', True)
+                 and getattr(dataset, 'complete_grid', True))
+  if not has_factors:
+    logging.info('%s has no complete factor grid: no disentanglement metrics.',
+                 run.config.dataset)
+  grid = GridCodes(run.model, dataset, run.states.params) if has_factors else None
   records = []
   for m, row in enumerate(run.rows):
-    scores, times, mi = metrics.evaluate_all(
-        grid.codes_fn(m), dataset.factor_sizes, seed=seed, sizes=sizes,
-        dci_estimator=dci_estimator)
-    values = {name: scores[key] for name, key in HEADLINE.items()}
+    if has_factors:
+      scores, times, mi = metrics.evaluate_all(
+          grid.codes_fn(m), dataset.factor_sizes, seed=seed, sizes=sizes,
+          dci_estimator=dci_estimator)
+      values = {name: scores[key] for name, key in HEADLINE.items()}
+      factors_of = latent_factors(kl[m], mi, dataset.factor_sizes, dataset.factor_names)
+      mi = np.asarray(mi).tolist()
+    else:
+      scores, times, values, factors_of, mi = {}, {}, {}, [], None
     frozen = bool(np.asarray(run.states.frozen[m]))
     records.append({
         **row, 'member': m, 'step': run.step, 'frozen': frozen,
@@ -265,9 +278,8 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
         'kl': float(kl[m].sum()), 'kl_per_latent': kl[m].tolist(),
         'rec': float(rec[m]), 'rec_from_mean': float(rec_mean[m]),
         'active_latents': int(np.sum(kl[m] >= ACTIVE_KL)),
-        'latent_factors': latent_factors(kl[m], mi, dataset.factor_sizes,
-                                         dataset.factor_names),
-        'mutual_information': np.asarray(mi).tolist(),
+        'latent_factors': factors_of,
+        'mutual_information': mi,
     })
     logging.info('member %d: %s', m, ', '.join(
         f'{k} {v:.3f}' for k, v in values.items()))
@@ -277,7 +289,9 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
       'factor_sizes': list(dataset.factor_sizes),
       'settings': {'scale': scale, 'dci_estimator': dci_estimator, 'seed': seed,
                    'active_kl': ACTIVE_KL, 'num_heldout': num_heldout, **sizes},
-      'encoded_images_per_member': grid.encoded, 'encode_seconds': grid.seconds,
+      'has_factors': bool(has_factors),
+      'encoded_images_per_member': grid.encoded if grid else 0,
+      'encode_seconds': grid.seconds if grid else 0.0,
       'seconds': time.perf_counter() - t0,
       'members': records,
   }

@@ -367,12 +367,16 @@ def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 
                f'{result["settings"].get("num_heldout", "")} fresh draws; active: latents'
                f' with KL ≥ {evaluate.ACTIVE_KL:g} nats.</p>')
   parts.append('<h2>What each active latent encodes</h2>')
+  if not result.get('has_factors', True):
+    parts.append(f'<p class="note">{html.escape(config.dataset)} has no ground-truth factor'
+                 ' grid, so there are no disentanglement metrics or latent-to-factor'
+                 ' assignments; traversals and reconstructions below still apply.</p>')
   parts.append(_table(
       ['member', 'latent', 'KL', 'factor (max MI)', 'MI / H(factor)'],
       [[r['member'], f'z{lf["latent"]}', lf['kl'], lf['factor'], lf['normalized_mi']]
        for r in records for lf in r['latent_factors']]))
 
-  if sweep_mode:
+  if sweep_mode and metric_names:
     parts.append('<h2>Metrics against the swept hyperparameters</h2>')
     data = _png(fig_sweep_metrics(records, SWEEP_METRICS),
                 os.path.join(out_dir, 'sweep_metrics.png'))

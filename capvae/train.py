@@ -441,7 +441,8 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   """
   # Everything that can reject the run happens before anything is written.
   config_lib.validate(config)
-  dataset = data.get(config.dataset, config.dataset_path)
+  dataset = data.get(config.dataset, config.dataset_path,
+                 config.get('dataset_split', 'train'))
   config_lib.check_against_dataset(config, dataset)
   check_workdir(workdir, config)
   config_lib.check_devices(config, len(jax.devices()), jax.process_count())
@@ -607,7 +608,8 @@ def load_member(workdir: str, member: int, step: int | None = None):
     chunk, row = sweep.locate(member, len(member_rows), config.chunk_size)
   except IndexError as e:
     raise config_lib.ConfigError(f'--member: {e}') from None
-  dataset = data.get(config.dataset, config.dataset_path)
+  dataset = data.get(config.dataset, config.dataset_path,
+                 config.get('dataset_split', 'train'))
   spec = StepSpec.from_config(config)
   model = models.get(config.model, config.latent_size, dataset.observation_shape)
   ids = sweep.chunks(len(member_rows), config.chunk_size)[chunk]

@@ -21,10 +21,13 @@ def get_config():
   """Returns the default config; every field is documented here."""
   config = ml_collections.ConfigDict()
 
-  # Data. 'dsprites' renders images from factors inside the train step;
-  # dataset_path may name the official .npz instead.
+  # Data. 'dsprites' and 'shapes3d_procedural' render images from factors inside
+  # the train step; for 'dsprites', dataset_path may name the official .npz.
+  # 'tfds:<name>[/<config>]' reads a prepared TensorFlow Datasets dataset
+  # (array_record) from the data_dir dataset_path, split dataset_split.
   config.dataset = 'dsprites'
   config.dataset_path = ''
+  config.dataset_split = 'train'
   config.data_seed = 0
 
   # Model: 'burgess' | 'locatello' | 'mlp'.
