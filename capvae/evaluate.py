@@ -175,7 +175,7 @@ def _unflatten(flat: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
 def heldout_stats(run: RunMembers, num_images: int, seed: int, batch: int = 500):
   """Per-latent KL ``[M, L]``, reconstruction ``[M]`` (sampled z, the training
   estimate) and reconstruction from the mean ``[M]``, averaged over
-  ``num_images`` held-out draws, plus those draws' factors."""
+  ``num_images`` held-out draws."""
   model, spec, dataset = run.model, run.spec, run.dataset
 
   def one(args, x, key):
@@ -187,20 +187,41 @@ def heldout_stats(run: RunMembers, num_images: int, seed: int, batch: int = 500)
             jnp.sum(train.reconstruction(spec, out_mean, x, hparams)))
 
   @jax.jit
-  def stats(states, key):
+  def stats(states, ds, key):
     fkey, zkey = jax.random.split(key)
-    x = dataset.render(dataset.sample_factors(fkey, batch))
+    x = ds.render(ds.sample_factors(fkey, batch))
     return jax.lax.map(lambda a: one(a, x, zkey), (states.params, states.hparams))
 
   num_batches = max(1, math.ceil(num_images / batch))
   base = jax.random.fold_in(jax.random.key(seed), 1)
   totals = None
   for b in range(num_batches):
-    out = jax.device_get(stats(run.states, jax.random.fold_in(base, b)))
+    # A streamed dataset gives this batch from the host (records drawn with a
+    # seed no training run uses); the others render it inside the program.
+    ds = dataset.batch(HELDOUT_STREAM_SEED + seed, b, batch) if _streamed(dataset) else dataset
+    out = jax.device_get(stats(run.states, ds, jax.random.fold_in(base, b)))
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
   n = num_batches * batch
   kl, rec, rec_mean = (np.asarray(t, np.float64) / n for t in totals)
   return kl, rec, rec_mean
+
+
+# Streamed datasets draw held-out records with data seeds from here up (training
+# data seeds are below 2**31).
+HELDOUT_STREAM_SEED = 2**31
+
+
+def _streamed(dataset) -> bool:
+  return bool(getattr(dataset, 'streamed', False))
+
+
+def draw_images(dataset, key: jax.Array, n: int, seed: int = 0) -> jax.Array:
+  """``n`` images of ``dataset``: rendered from a draw of factors, or, for a
+  streamed dataset, read from the host (records a function of ``seed``)."""
+  if _streamed(dataset):
+    ds = dataset.batch(HELDOUT_STREAM_SEED + seed, 1 << 20, n)
+    return ds.render(ds.sample_factors(key, n))
+  return dataset.render(dataset.sample_factors(key, n))
 
 
 def latent_factors(kl_per_latent, mi, factor_sizes, factor_names):

@@ -251,7 +251,7 @@ def model_images(run: 'evaluate.RunMembers', member: int, order, seed: int = 0,
   params = jax.tree.map(lambda a: a[member], run.states.params)
   model, dataset = run.model, run.dataset
   key = jax.random.fold_in(jax.random.key(seed), 2)
-  x = dataset.render(dataset.sample_factors(key, num_recons))
+  x = evaluate.draw_images(dataset, key, num_recons, seed)
   mean, _ = model.apply(params, x, method=models.VAE.encode)
   recon = _to_pixels(run.config.reconstruction,
                      model.apply(params, mean, method=models.VAE.decode))

@@ -417,6 +417,55 @@ def build_program(model, spec: StepSpec, dataset, mesh, member_loop: str):
   return init, train_step, dataset
 
 
+class Prefetcher:
+  """Feeds a streamed dataset (``dataset.streamed``) to the step, a few steps ahead.
+
+  The batch of step ``s`` is ``dataset.batch(data_seed, s, batch_size)``, a pure
+  function of the step; a background thread reads, decodes and places the
+  next ``ahead`` batches while the device trains. Datasets held on the device
+  need none of this: the step renders their batches itself.
+  """
+
+  def __init__(self, dataset, spec: StepSpec, sharding, start: int, stop: int,
+               ahead: int = 4):
+    import queue
+    import threading
+    self._queue = queue.Queue(maxsize=ahead)
+    self._done = threading.Event()
+    self.wait_seconds = 0.0
+
+    def produce():
+      try:
+        for s in range(start, stop):
+          item = jax.device_put(dataset.batch(spec.data_seed, s, spec.batch_size), sharding)
+          while not self._done.is_set():
+            try:
+              self._queue.put((s, item), timeout=0.1)
+              break
+            except queue.Full:
+              continue
+          if self._done.is_set():
+            return
+      except BaseException as e:  # pylint: disable=broad-except
+        self._queue.put((None, e))
+
+    self._thread = threading.Thread(target=produce, name='capvae-prefetch', daemon=True)
+    self._thread.start()
+
+  def __call__(self, step: int):
+    t0 = time.perf_counter()
+    s, item = self._queue.get()
+    self.wait_seconds += time.perf_counter() - t0
+    if s is None:
+      raise item
+    assert s == step, (s, step)
+    return item
+
+  def close(self) -> None:
+    self._done.set()
+    self._thread.join(timeout=10)
+
+
 def _flag_frozen(rows, warned: set[int]) -> None:
   for r in rows:
     if r['frozen'] and r['member'] not in warned:
@@ -446,6 +495,11 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   config_lib.check_against_dataset(config, dataset)
   check_workdir(workdir, config)
   config_lib.check_devices(config, len(jax.devices()), jax.process_count())
+  streamed = getattr(dataset, 'streamed', False)
+  if streamed and jax.process_count() > 1:
+    raise config_lib.ConfigError(
+        f'config.dataset = {config.dataset!r} is streamed from the host (too large for the'
+        ' device); streaming runs in a single process only.')
 
   spec = StepSpec.from_config(config)
   member_rows = sweep.members(config)
@@ -460,6 +514,9 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
     _write_json(os.path.join(workdir, MEMBERS_FILE), member_rows)
   _barrier('capvae:workdir')
 
+  stream = dataset if streamed else None
+  if streamed:  # the step sees one batch at a time; compile with step 0's
+    dataset = stream.batch(spec.data_seed, 0, spec.batch_size)
   init, train_step, dataset = build_program(model, spec, dataset, mesh,
                                             config.member_loop)
   logging.info('%d member(s) in %d chunk(s) of %d rows over %d device(s) (%d'
@@ -493,8 +550,18 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
         compiled = train_step.lower(states, dataset).compile()
         logging.info('Compiled the train step for %d row(s) in %.1fs.', rows,
                      time.perf_counter() - t0)
-      states, stopped = _train_chunk(config, compiled, states, dataset, step, mngr,
-                                     chunk_rows, metrics_path if primary else None)
+      feed = None
+      if streamed:
+        feed = Prefetcher(stream, spec, jax.tree.leaves(dataset)[0].sharding, step,
+                          config.num_steps)
+      try:
+        states, stopped = _train_chunk(config, compiled, states, feed or dataset, step,
+                                       mngr, chunk_rows, metrics_path if primary else None)
+      finally:
+        if feed is not None:
+          feed.close()
+          logging.info('Chunk %d: the step waited %.1f s for streamed batches.', chunk,
+                       feed.wait_seconds)
     finally:
       # Also on an error: let an in-flight save finish so no checkpoint is torn.
       mngr.wait_until_finished()
@@ -506,7 +573,10 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
 
 def _train_chunk(config, compiled, states, dataset, step, mngr, chunk_rows,
                  metrics_path):
-  """Trains one chunk from ``step`` to ``config.num_steps``; True if stopped early."""
+  """Trains one chunk from ``step`` to ``config.num_steps``; True if stopped early.
+
+  ``dataset`` is the placed dataset, or a :class:`Prefetcher` giving each step's.
+  """
   num_steps = config.num_steps
   multi = jax.process_count() > 1
   warned: set[int] = set()
@@ -517,7 +587,7 @@ def _train_chunk(config, compiled, states, dataset, step, mngr, chunk_rows,
     while step < num_steps:
       # Metrics are those of the update *at* optimizer step `step` (C, loss,
       # noise and batch all indexed by it); the state then moves to step + 1.
-      states, metrics = compiled(states, dataset)
+      states, metrics = compiled(states, dataset(step) if callable(dataset) else dataset)
       logged = step
       step += 1
       log_now = logged % config.log_every == 0 or step == num_steps

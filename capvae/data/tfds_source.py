@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from typing import Any, NamedTuple, Sequence
@@ -288,12 +289,96 @@ class TfdsGroundTruth(_TfdsImageStore):
     return images * (records >= 0).astype(jnp.float32)[:, None, None, None]
 
 
+@base.register
+class StreamedBatch(base.GroundTruthDataset):
+  """One step's batch of a :class:`TfdsStream`, as the dataset the jitted step sees.
+
+  The step draws ``n`` rows and renders them; here the rows are simply slots
+  ``0…B-1`` of the batch the host read for this step (the random choice of
+  records was made on the host, from ``(data_seed, step)``).
+  """
+
+  has_factors = False
+  _array_fields = ('_images',)
+
+  def __init__(self, images: np.ndarray, observation_shape: tuple[int, int, int]):
+    self.factor_names = ('slot',)
+    self.factor_sizes = (int(images.shape[0]),)
+    self.observation_shape = tuple(int(s) for s in observation_shape)
+    self._images = images
+
+  def sample_factors(self, key: jax.Array, n: int) -> jax.Array:
+    del key
+    return (jnp.arange(n, dtype=jnp.int32) % self.factor_sizes[0])[:, None]
+
+  def render(self, factors):
+    return jnp.asarray(self._images)[jnp.asarray(factors, jnp.int32)[:, 0]].astype(
+        jnp.float32) * (1.0 / 255.0)
+
+
+class TfdsStream:
+  """An image dataset too large for the device, read from the host step by step.
+
+  The records of step ``s`` are ``records_at(data_seed, s, batch)``, a pure
+  function of the step, so a resumed run reads exactly the batches it would
+  have. :meth:`batch` reads and decodes them (``tfds.data_source``, random
+  access) into a :class:`StreamedBatch`; the train loop keeps a few steps
+  ahead on a background thread (:class:`capvae.train.Prefetcher`).
+  """
+
+  has_factors = False
+  streamed = True
+
+  def __init__(self, source, n: int, image_key: str, image_feature, image_size, hwc, desc):
+    self._source = source
+    self._image_key = image_key
+    self._dtype = np.dtype(image_feature.np_dtype)
+    self._image_size = image_size
+    self.factor_names = ('index',)
+    self.factor_sizes = (int(n),)
+    self.observation_shape = tuple(int(s) for s in hwc)
+    self.source = desc
+
+  @property
+  def num_examples(self) -> int:
+    return self.factor_sizes[0]
+
+  @property
+  def input_size(self) -> int:
+    return math.prod(self.observation_shape)
+
+  def records_at(self, data_seed: int, step: int, batch: int) -> np.ndarray:
+    """The records of step ``step``: ``batch`` uniform draws, a pure function of the step."""
+    rng = np.random.default_rng([int(data_seed), int(step), 0x5EED])
+    return rng.integers(0, self.num_examples, batch)
+
+  def host_images(self, records: Sequence[int]) -> np.ndarray:
+    """uint8 images ``[n, H, W, C]`` of ``records``."""
+    examples = self._source.__getitems__([int(r) for r in records])
+    out = np.stack([_image(ex[self._image_key], int(r), self._dtype, self._image_size,
+                           self.source) for r, ex in zip(records, examples)])
+    if out.shape[1:] != self.observation_shape:
+      raise ConfigError(f'{self.source}: records {list(records)[:4]}… have shape'
+                        f' {out.shape[1:]}, not {self.observation_shape}.')
+    if out.dtype != np.uint8:
+      out = np.round(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return out
+
+  def batch(self, data_seed: int, step: int, batch: int) -> StreamedBatch:
+    """Step ``step``'s batch on the host, as a :class:`StreamedBatch`."""
+    return StreamedBatch(self.host_images(self.records_at(data_seed, step, batch)),
+                         self.observation_shape)
+
+  def __repr__(self) -> str:
+    return f'TfdsStream({self.source}, {self.num_examples} records, {self.observation_shape})'
+
+
 # ---------------------------------------------------------------------------- loading
 
 
 def load(name: str, data_dir: str | None, split: str = 'train', *,
          image_size: int | None = IMAGE_SIZE, partial_grid: bool = False,
-         max_bytes: int = MAX_DEVICE_BYTES) -> TfdsGroundTruth | TfdsImages:
+         max_bytes: int | None = None) -> TfdsGroundTruth | TfdsImages | TfdsStream:
   """Reads a prepared TFDS dataset into a device-resident capvae dataset.
 
   Args:
@@ -306,11 +391,14 @@ def load(name: str, data_dir: str | None, split: str = 'train', *,
       ``None`` to keep the stored size.
     partial_grid: for ground-truth datasets, accept a split that lacks grid
       points (or repeats them) and use the points present.
-    max_bytes: the largest image array put on the device.
+    max_bytes: the largest image array put on the device (default:
+      ``$CAPVAE_MAX_DEVICE_BYTES``, else :data:`MAX_DEVICE_BYTES`).
 
   Returns:
     :class:`TfdsGroundTruth` for dsprites/shapes3d-like datasets, otherwise
-    :class:`TfdsImages`.
+    :class:`TfdsImages`, or, when those images would take more than
+    ``max_bytes`` (as uint8), a :class:`TfdsStream` read from the host each
+    step.
 
   Raises:
     ConfigError: for a bad name, a dataset or split missing from ``data_dir``,
@@ -320,6 +408,8 @@ def load(name: str, data_dir: str | None, split: str = 'train', *,
   if isinstance(name, str) and not name.startswith(PREFIX):
     name = PREFIX + name
   parsed = parse_name(name)
+  if max_bytes is None:
+    max_bytes = int(os.environ.get('CAPVAE_MAX_DEVICE_BYTES', MAX_DEVICE_BYTES))
   if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
     raise ConfigError(f'image_size must be a positive int or None, got {image_size!r}.')
   source_desc = f'{PREFIX}{parsed.spec} split {split!r} in data_dir {data_dir or "(default)"!r}'
@@ -332,6 +422,15 @@ def load(name: str, data_dir: str | None, split: str = 'train', *,
     raise ConfigError(f'{source_desc}: the split is empty.')
 
   start = time.perf_counter()
+  if factors is None:
+    # Chosen by size: an image dataset that does not fit is streamed from the host.
+    first = _read_chunk(source, 0, 1, image_key, np.dtype(image_feature.np_dtype), None,
+                        image_size, source_desc)[0]
+    if n * math.prod(first.shape[1:]) > max_bytes:  # as uint8
+      _log.info('%s: %d images do not fit in %.2f GiB; streaming them from the host.',
+                source_desc, n, max_bytes / 2**30)
+      return TfdsStream(source, n, image_key, image_feature, image_size, first.shape[1:],
+                        source_desc)
   images, hwc, storage, labels = _read(source, n, image_key, image_feature, factors, image_size,
                                        max_bytes, source_desc)
   seconds = time.perf_counter() - start
@@ -433,6 +532,10 @@ class _NotBinary(Exception):
   """A chunk showed that the split's images are not binary after all."""
 
 
+class _TooLarge(ConfigError):
+  """The images would take more than ``max_bytes`` on the device."""
+
+
 def _read(source, n: int, image_key: str, image_feature, factors, image_size: int | None,
           max_bytes: int, desc: str):
   """Reads every record: ``(images as stored, (H, W, C), storage, labels [N, K] or None)``.
@@ -464,12 +567,12 @@ def _read_all(read, n: int, first, storage: str, max_bytes: int, desc: str):
   out_dtype = np.dtype(np.float32 if storage == 'float32' else np.uint8)
   nbytes = math.prod(shape) * out_dtype.itemsize
   if nbytes > max_bytes:
-    raise ConfigError(
+    raise _TooLarge(
         f'{desc}: {n} images of {hwc} as {storage} take {nbytes / 2**30:.2f} GiB, over the'
         f' {max_bytes / 2**30:.2f} GiB limit of images kept on the device'
-        ' (capvae.data.tfds_source.MAX_DEVICE_BYTES). Streaming from the host (a background'
-        ' prefetch) is not implemented yet: use a smaller split (e.g. "train[:50%]"), a'
-        ' smaller image_size, or raise max_bytes if the device has room.')
+        ' (capvae.data.tfds_source.MAX_DEVICE_BYTES). A ground-truth dataset must fit (its'
+        ' grid is gathered on the device): use a smaller image_size, or raise max_bytes if'
+        ' the device has room.')
   images = np.empty(shape, out_dtype)
   labels = np.empty((n, first[1].shape[1]), np.int64) if first[1] is not None else None
   on = 0
