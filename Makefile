@@ -7,7 +7,7 @@ WORKDIR ?= runs/default
 SWEEP_WORKDIR ?= runs/capacity_sweep
 EVAL_FLAGS ?=
 
-.PHONY: install train sweep report bench test clean
+.PHONY: install train sweep report bench bench-step test clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ report: install
 ## bench: sweep throughput for M = 1, 4, 16, 64 members against the single-member program.
 bench: install
 	$(BIN)/python experiments/bench_sweep.py --members 1,4,16,64
+
+## bench-step: the train step of each model against the matmul rate and, when installed
+## (pip install torch==2.13.0, or .[bench]), against the same step in PyTorch eager.
+bench-step: install
+	$(BIN)/python experiments/bench_train_step.py
 
 ## test: the test suite.
 test: install

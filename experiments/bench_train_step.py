@@ -1,0 +1,569 @@
+r"""The train step's speed, against the hardware and against PyTorch.
+
+  python experiments/bench_train_step.py                          # all models, batch 64
+  python experiments/bench_train_step.py --models burgess --batch 256
+  python experiments/bench_train_step.py --models burgess --profile   # + where time goes
+
+For each model it builds the exact jitted train step that ``make train`` runs
+(``train.build_program`` with ``configs/default.py``: one member, capacity
+objective, Bernoulli reconstruction, Adam, the batch rendered inside the step,
+members run by ``'auto'``), and prints one row:
+
+* ms/step and img/s: median of ``--steps`` timed steps after ``--warmup``;
+* GFLOP/step from XLA's cost analysis of the compiled step, the achieved
+  GFLOP/s, and ``%mm``: that rate as a share of the machine's matrix-multiply
+  rate, measured in the same run (a jitted 2048×2048 float32 ``a @ a``);
+  ``floor ms`` is GFLOP/step at the matmul rate, the step's time if every FLOP
+  ran as fast as a big matmul;
+* render ms: rendering the batch alone (``train.batch_at``, jitted), and
+  ``data %``, its share of the step; ``nodata ms``: the member step alone
+  (``train.make_member_step``, jitted at the top level) on a pre-rendered batch;
+* with ``torch`` installed: the same step in an equivalent PyTorch eager model
+  (same layers and parameter count, same loss, Adam 5e-4, float32, one thread
+  per core). ``torch ms`` renders each batch with capvae's (jitted JAX)
+  dataset on the host inside the timed step, as the JAX step does;
+  ``torch nodata ms`` cycles through a pool of batches rendered beforehand.
+  ``vs torch`` is capvae img/s over torch img/s, both with rendering.
+
+``--profile`` adds, for each model, timings of pieces of one member's step
+(encoder and decoder forward, forward and backward, the optimizer update,
+alternative convolution formulations), each jitted at the top level on a fixed
+batch, with its XLA FLOP count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from capvae import data, layers, losses, models, sweep, train
+from capvae import train_state as ts
+from capvae.config_lib import sibling
+
+TORCH_HINT = ('torch is not installed: `pip install torch==2.13.0` installs the CPU build'
+              ' here (into .venv); the PyTorch columns are left out.')
+
+
+# --------------------------------------------------------------------------
+# Timing helpers.
+# --------------------------------------------------------------------------
+
+
+def median_seconds(fn: Callable[[], Any], warmup: int, steps: int) -> float:
+  """Median wall time of ``fn()`` (blocked on its result) over ``steps`` calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def flops_of(compiled) -> float:
+  """FLOPs of a compiled XLA program from its cost analysis (nan if unknown)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return math.nan
+  if cost is None:
+    return math.nan
+  if isinstance(cost, dict):
+    cost = [cost]
+  total = [float(c.get('flops', math.nan)) for c in cost if c]
+  return sum(total) if total else math.nan
+
+
+def matmul_rate(n: int = 2048, reps: int = 10) -> float:
+  """FLOP/s of a jitted ``n×n @ n×n`` float32 product (median of ``reps``)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a).lower(a).compile()
+  seconds = median_seconds(lambda: f(a), warmup=2, steps=reps)
+  return 2.0 * n ** 3 / seconds
+
+
+def load_average() -> str:
+  try:
+    return ' '.join(f'{x:.2f}' for x in os.getloadavg())
+  except OSError:
+    return '?'
+
+
+# --------------------------------------------------------------------------
+# The capvae step.
+# --------------------------------------------------------------------------
+
+
+def default_config(model: str, batch: int):
+  """``configs/default.py`` with ``model`` and ``batch_size`` set."""
+  config = sibling(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..',
+                                'configs', 'x.py'), 'default').get_config()
+  config.model = model
+  config.batch_size = batch
+  return config
+
+
+def param_count(params, leading: int = 0) -> int:
+  """Parameters in a pytree; ``leading`` axes (a member stack) are not counted."""
+  return sum(math.prod(p.shape[leading:]) for p in jax.tree.leaves(params))
+
+
+def bench_capvae(model_name: str, batch: int, warmup: int, steps: int) -> dict[str, Any]:
+  """Times the training program of ``make train`` for one model."""
+  config = default_config(model_name, batch)
+  spec = train.StepSpec.from_config(config)
+  dataset = data.get(config.dataset, config.dataset_path, config.dataset_split)
+  model = models.get(config.model, config.latent_size, dataset.observation_shape)
+  mesh = train.make_mesh()
+  rows = sweep.members(config)
+  padded = sweep.padded_size(len(rows), config.chunk_size, mesh.size)
+  init, step, dataset = train.build_program(model, spec, dataset, mesh, config.member_loop)
+  states = init(sweep.stack(sweep.pad(rows, padded)))
+  num_params = param_count(states.params, leading=1)
+  t0 = time.perf_counter()
+  compiled = step.lower(states, dataset).compile()
+  compile_s = time.perf_counter() - t0
+  flops = flops_of(compiled)
+
+  # The state is donated: each call consumes the last one.
+  box = {'states': states, 'metrics': None}
+
+  def one_step():
+    box['states'], box['metrics'] = compiled(box['states'], dataset)
+    return box['states']
+
+  seconds = median_seconds(one_step, warmup, steps)
+  loss = np.asarray(box['metrics']['loss'])[:len(rows)]
+  if not np.all(np.isfinite(loss)):
+    raise FloatingPointError(f'{model_name}: non-finite loss {loss}.')
+
+  # Rendering the batch alone, as the step does it.
+  render = jax.jit(lambda ds, s: train.batch_at(ds, s, spec))
+  render_c = render.lower(dataset, jnp.int32(0)).compile()
+  k = iter(range(1 << 30))
+  render_s = median_seconds(lambda: render_c(dataset, jnp.int32(next(k))), warmup, steps)
+
+  # The member step alone (top level, no loop, no rendering) on a fixed batch.
+  member = jax.tree.map(lambda a: a[0], box['states'])
+  x = render_c(dataset, jnp.int32(0))
+  member_step = jax.jit(train.make_member_step(model, spec))
+  member_c = member_step.lower(member, x).compile()
+  mbox = {'state': member}
+
+  def one_member_step():
+    mbox['state'], _ = member_c(mbox['state'], x)
+    return mbox['state']
+
+  nodata_s = median_seconds(one_member_step, warmup, steps)
+  return dict(model=model_name, seconds=seconds, flops=flops, compile_s=compile_s,
+              render_s=render_s, nodata_s=nodata_s, num_params=num_params,
+              loop=train.resolve_member_loop(config.member_loop), config=config,
+              spec=spec, dataset=dataset, flax_model=model, render=render_c,
+              state=mbox['state'], x=x)
+
+
+# --------------------------------------------------------------------------
+# The PyTorch step.
+# --------------------------------------------------------------------------
+
+
+def torch_model(name: str, latent_size: int, image_shape):
+  """The PyTorch (NCHW) twin of ``capvae.models.get(name, ...)``.
+
+  Same layers, widths and parameter count. Padding: flax 'SAME' for a k4 s2
+  convolution pads (1, 2) on each spatial axis, PyTorch ``padding=1`` pads
+  (1, 1); the output shapes are the same (the last padded row is never read by
+  a stride-2 window of 4 taps ending in range) and so are the FLOPs. For k2 s2
+  'SAME' pads nothing, as ``padding=0``. ``ConvTranspose2d(k4, s2, p1)`` doubles
+  the size, as flax's 'SAME' transposed convolution does.
+  """
+  import torch
+  from torch import nn as tnn
+
+  h, w, c = image_shape
+  m = latent_size
+
+  class Split(tnn.Module):
+
+    def forward(self, out):
+      return out[:, :m], out[:, m:]
+
+  def conv_encoder(convs, dense, flat):
+    layers, cin = [], c
+    for features, k in convs:
+      layers += [tnn.Conv2d(cin, features, k, 2, padding=(k - 2) // 2), tnn.ReLU()]
+      cin = features
+    layers.append(tnn.Flatten())
+    width = flat
+    for d in dense:
+      layers += [tnn.Linear(width, d), tnn.ReLU()]
+      width = d
+    layers += [tnn.Linear(width, 2 * m), Split()]
+    return tnn.Sequential(*layers)
+
+  def conv_decoder(dense, base, deconvs):
+    layers, width = [], m
+    for d in dense:
+      layers += [tnn.Linear(width, d), tnn.ReLU()]
+      width = d
+    layers += [tnn.Linear(width, base * (h // 16) * (w // 16)), tnn.ReLU(),
+               tnn.Unflatten(1, (base, h // 16, w // 16))]
+    cin = base
+    for features in deconvs:
+      layers += [tnn.ConvTranspose2d(cin, features, 4, 2, 1), tnn.ReLU()]
+      cin = features
+    layers.append(tnn.ConvTranspose2d(cin, c, 4, 2, 1))
+    return tnn.Sequential(*layers)
+
+  if name == 'burgess':
+    enc = conv_encoder(((32, 4),) * 4, (256, 256), 32 * (h // 16) * (w // 16))
+    dec = conv_decoder((256, 256), 32, (32, 32, 32))
+  elif name == 'locatello':
+    enc = conv_encoder(((32, 4), (32, 4), (64, 2), (64, 2)), (256,),
+                       64 * (h // 16) * (w // 16))
+    dec = conv_decoder((256,), 64, (64, 32, 32))
+  elif name == 'mlp':
+    n = h * w * c
+    enc = tnn.Sequential(tnn.Flatten(), tnn.Linear(n, 1200), tnn.ReLU(),
+                         tnn.Linear(1200, 1200), tnn.ReLU(), tnn.Linear(1200, 2 * m),
+                         Split())
+    dec = tnn.Sequential(tnn.Linear(m, 1200), tnn.Tanh(), tnn.Linear(1200, 1200),
+                         tnn.Tanh(), tnn.Linear(1200, 1200), tnn.Tanh(),
+                         tnn.Linear(1200, n), tnn.Unflatten(1, (c, h, w)))
+  else:
+    raise ValueError(f'no PyTorch twin for model {name!r}.')
+
+  class VAE(tnn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.encoder, self.decoder = enc, dec
+
+    def forward(self, x):
+      mean, logvar = self.encoder(x)
+      z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+      return self.decoder(z), mean, logvar
+
+  return VAE()
+
+
+def bench_torch(res: dict[str, Any], warmup: int, steps: int, pool_size: int = 8):
+  """Times the PyTorch twin of ``res['model']`` with and without rendering."""
+  import torch
+  import torch.nn.functional as F
+
+  config, spec, dataset = res['config'], res['spec'], res['dataset']
+  torch.manual_seed(0)
+  net = torch_model(res['model'], config.latent_size, dataset.observation_shape)
+  num_params = sum(p.numel() for p in net.parameters())
+  opt = torch.optim.Adam(net.parameters(), lr=config.learning_rate,
+                         betas=(config.adam_b1, config.adam_b2), eps=config.adam_eps)
+  gamma, c_max, anneal = config.gamma, config.c_max, config.c_anneal_steps
+  render = res['render']
+
+  def host_batch(step: int):
+    # capvae's renderer (jitted JAX, on the host CPU), NHWC -> NCHW.
+    x = np.array(render(dataset, jnp.int32(step)))  # a writable host copy
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+  counter = {'step': 0}
+
+  def train_step(x):
+    step = counter['step']
+    counter['step'] += 1
+    logits, mean, logvar = net(x)
+    rec = F.binary_cross_entropy_with_logits(logits, x, reduction='none').sum((1, 2, 3))
+    kl = 0.5 * (torch.exp(logvar) + mean.square() - 1.0 - logvar)  # [B, M]
+    c = c_max * min(step / anneal, 1.0)
+    loss = rec.mean() + gamma * (kl.sum(1).mean() - c).abs()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+  def timed(make_x) -> float:
+    for _ in range(warmup):
+      train_step(make_x())
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      loss = train_step(make_x())
+      times.append(time.perf_counter() - t0)
+    if not math.isfinite(float(loss.detach())):
+      raise FloatingPointError(f'{res["model"]} (torch): non-finite loss.')
+    return statistics.median(times)
+
+  with_data = timed(lambda: host_batch(10_000 + counter['step']))
+  pool = [host_batch(20_000 + i) for i in range(pool_size)]
+  nodata = timed(lambda: pool[counter['step'] % pool_size])
+  return dict(seconds=with_data, nodata_s=nodata, num_params=num_params)
+
+
+# --------------------------------------------------------------------------
+# Where the time goes inside one member's step.
+# --------------------------------------------------------------------------
+
+
+def profile(res: dict[str, Any], warmup: int, steps: int) -> list[tuple[str, float, float]]:
+  """``(piece, seconds, flops)`` for pieces of one member's step (top level, fixed x).
+
+  Each piece is jitted on its own at the top level of a program; inside the
+  training program (a ``fori_loop`` over members for ``'map'``) XLA may compile
+  the same operations differently, so the pieces need not add up to the step.
+  """
+  model, spec, state, x = res['flax_model'], res['spec'], res['state'], res['x']
+  params, hp = state.params, state.hparams
+  key = jax.random.key(1)
+  enc_p = {'params': params['params']['encoder']}
+  dec_p = {'params': params['params']['decoder']}
+  z, _ = model.encoder.apply(enc_p, x)
+  out = []
+
+  def add(name, fn, *args):
+    compiled = jax.jit(fn).lower(*args).compile()
+    seconds = median_seconds(lambda: compiled(*args), warmup, steps)
+    out.append((name, seconds, flops_of(compiled)))
+
+  def loss_fn(p, x):
+    return train.member_loss(p, model, hp, state.step, x, key, spec)[0]
+
+  def enc_sum(p, x):
+    m, lv = model.encoder.apply(p, x)
+    return jnp.sum(m) + jnp.sum(lv)
+
+  def dec_sum(p, z):
+    return jnp.sum(losses.bernoulli_nll(model.decoder.apply(p, z), x))
+
+  add('encoder fwd', lambda p, x: model.encoder.apply(p, x), enc_p, x)
+  add('encoder fwd+bwd (dparams, no dx)', jax.grad(enc_sum), enc_p, x)
+  add('decoder fwd', lambda p, z: model.decoder.apply(p, z), dec_p, z)
+  add('decoder+rec fwd+bwd (dparams, dz)', jax.grad(dec_sum, argnums=(0, 1)), dec_p, z)
+  add('whole loss fwd', loss_fn, params, x)
+  add('whole loss fwd+bwd', jax.grad(loss_fn), params, x)
+  grads = jax.grad(loss_fn)(params, x)
+  opt_kwargs = dict(spec.optimizer_kwargs)
+
+  def adam(grads, opt_state, params):
+    tx = ts.make_optimizer(hp.learning_rate, **opt_kwargs)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  add('Adam update alone', adam, grads, state.opt_state, params)
+  member_step = train.make_member_step(model, spec)
+  add('member step (grad+Adam+checks)', member_step, state, x)
+
+  # Alternative formulations of the same layers, same parameters.
+  if isinstance(model.encoder, models.ConvEncoder):
+    xla_enc = model.encoder.clone(conv_impl='xla')
+
+    def xla_enc_sum(p, x):
+      m, lv = xla_enc.apply(p, x)
+      return jnp.sum(m) + jnp.sum(lv)
+
+    add('encoder fwd+bwd, conv_impl=xla', jax.grad(xla_enc_sum), enc_p, x)
+  if isinstance(model.decoder, models.ConvDecoder):
+    flax_dec = _flax_conv_decoder(model.decoder)
+
+    def flax_dec_sum(p, z):
+      return jnp.sum(losses.bernoulli_nll(flax_dec.apply(p, z), x))
+
+    add('decoder+rec fwd+bwd, nn.ConvTranspose', jax.grad(flax_dec_sum, argnums=(0, 1)),
+        dec_p, z)
+
+  return out
+
+
+def profile_layers(res: dict[str, Any], warmup: int, steps: int):
+  """Each convolution of the model alone, at the shapes the model gives it.
+
+  Returns rows ``(layer, flops_fwd, [fwd, bwd] as matmuls (capvae.layers),
+  [fwd, bwd] as XLA convolutions)`` in seconds. ``bwd`` is the vjp alone (the
+  layer is linear, so its forward output is not needed and XLA drops it) for a
+  random cotangent: d kernel and d input, except for the first encoder layer,
+  whose input is data.
+  """
+  model, x = res['flax_model'], res['x']
+  params = res['state'].params['params']
+  rng = np.random.default_rng(0)
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  def timed(fn, *args):
+    compiled = jax.jit(fn).lower(*args).compile()
+    return median_seconds(lambda: compiled(*args), warmup, steps), flops_of(compiled)
+
+  def rows_for(name, impls, kernel, xi, g, need_dx):
+    row = [name, math.nan]
+    for f in impls:
+      fwd_s, flops = timed(f, kernel, xi)
+      row[1] = flops if math.isnan(row[1]) else row[1]
+      if need_dx:
+        bwd = lambda k_, x_, g_, f=f: jax.vjp(f, k_, x_)[1](g_)
+      else:
+        bwd = lambda k_, x_, g_, f=f: jax.vjp(lambda kk: f(kk, x_), k_)[1](g_)
+      row.append((fwd_s, timed(bwd, kernel, xi, g)[0]))
+    return tuple(row)
+
+  b, out = x.shape[0], []
+  if isinstance(model.encoder, models.ConvEncoder):
+    size, cin = x.shape[1], x.shape[-1]
+    impls = (lambda k_, x_: layers.conv2d(x_, k_, (2, 2)),
+             lambda k_, x_: jax.lax.conv_general_dilated(x_, k_, (2, 2), 'SAME',
+                                                         dimension_numbers=dn))
+    for i, (features, k) in enumerate(model.encoder.convs):
+      kernel = params['encoder'][f'Conv_{i}']['kernel']
+      xi = jnp.asarray(rng.random((b, size, size, cin)), jnp.float32)
+      name = f'enc Conv_{i} k{k} {cin}->{features} {size}->{-(-size // 2)}'
+      size = -(-size // 2)
+      g = jnp.asarray(rng.standard_normal((b, size, size, features)), jnp.float32)
+      out.append(rows_for(name, impls, kernel, xi, g, need_dx=i > 0))
+      cin = features
+  if isinstance(model.decoder, models.ConvDecoder):
+    dec = model.decoder
+    size, cin = dec.image_shape[0] // 16, dec.base_features
+    impls = (lambda k_, x_: layers.conv_transpose2d(x_, k_),
+             lambda k_, x_: jax.lax.conv_transpose(x_, k_, (2, 2), 'SAME',
+                                                   dimension_numbers=dn))
+    for i, features in enumerate((*dec.deconvs, dec.image_shape[-1])):
+      kernel = params['decoder'][f'ConvTranspose_{i}']['kernel']
+      xi = jnp.asarray(rng.random((b, size, size, cin)), jnp.float32)
+      name = f'dec ConvT_{i} k4 {cin}->{features} {size}->{2 * size}'
+      size *= 2
+      g = jnp.asarray(rng.standard_normal((b, size, size, features)), jnp.float32)
+      out.append(rows_for(name, impls, kernel, xi, g, need_dx=True))
+      cin = features
+  return out
+
+
+def _flax_conv_decoder(dec: models.ConvDecoder) -> nn.Module:
+  """``dec`` with flax's own ``nn.ConvTranspose`` (XLA convolution), same params."""
+
+  class FlaxConvDecoder(nn.Module):
+
+    @nn.compact
+    def __call__(self, z):
+      h, w, c = dec.image_shape
+      x = z
+      for width in dec.dense:
+        x = nn.relu(nn.Dense(width)(x))
+      x = nn.relu(nn.Dense((h // 16) * (w // 16) * dec.base_features)(x))
+      x = x.reshape(z.shape[0], h // 16, w // 16, dec.base_features)
+      for i, features in enumerate(dec.deconvs):
+        x = nn.relu(nn.ConvTranspose(features, (4, 4), (2, 2), padding='SAME',
+                                     name=f'ConvTranspose_{i}')(x))
+      return nn.ConvTranspose(c, (4, 4), (2, 2), padding='SAME',
+                              name=f'ConvTranspose_{len(dec.deconvs)}')(x)
+
+  return FlaxConvDecoder()
+
+
+# --------------------------------------------------------------------------
+# Main.
+# --------------------------------------------------------------------------
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--models', default=','.join(models.MODELS),
+                      help='comma-separated, from ' + ', '.join(models.MODELS))
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--steps', type=int, default=20, help='timed steps (median)')
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--no_torch', action='store_true', help='skip the PyTorch columns')
+  parser.add_argument('--profile', action='store_true',
+                      help='also time pieces of each model\'s step')
+  args = parser.parse_args(argv)
+  names = [m.strip() for m in args.models.split(',') if m.strip()]
+  for name in names:
+    if name not in models.MODELS:
+      parser.error(f'--models: {name!r} is unknown; allowed: {list(models.MODELS)}.')
+
+  torch = None
+  if not args.no_torch:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      torch = None
+  cpus = os.cpu_count() or 1
+  if torch is not None:
+    torch.set_num_threads(cpus)
+  dev = jax.devices()[0]
+  print(f'# bench_train_step: batch {args.batch}, median of {args.steps} steps after'
+        f' {args.warmup} warm-up')
+  print(f'# jax {jax.__version__}, torch'
+        f' {torch.__version__ if torch is not None else "-"}'
+        f'{f" ({torch.get_num_threads()} threads)" if torch is not None else ""};'
+        f' {cpus} CPU(s); device {dev.platform}: {dev.device_kind} × {len(jax.devices())};'
+        f' load average {load_average()}')
+  if torch is None and not args.no_torch:
+    print(f'# {TORCH_HINT}')
+  rate = matmul_rate()
+  print(f'# matmul 2048x2048 float32 (jit): {rate / 1e9:.1f} GFLOP/s')
+
+  cols = (f'{"model":>9} {"ms/step":>8} {"img/s":>7} {"GFLOP":>6} {"GFLOP/s":>8}'
+          f' {"%mm":>5} {"floor ms":>8} {"render ms":>9} {"data %":>6} {"nodata ms":>9}')
+  if torch is not None:
+    cols += (f' | {"torch ms":>8} {"torch img/s":>11} {"torch nodata ms":>15}'
+             f' {"vs torch":>8}')
+  print(cols, flush=True)
+  results = []
+  for name in names:
+    res = bench_capvae(name, args.batch, args.warmup, args.steps)
+    s, flops = res['seconds'], res['flops']
+    row = (f'{name:>9} {s * 1e3:8.1f} {args.batch / s:7.0f} {flops / 1e9:6.2f}'
+           f' {flops / s / 1e9:8.1f} {100 * flops / s / rate:4.0f}%'
+           f' {flops / rate * 1e3:8.1f} {res["render_s"] * 1e3:9.1f}'
+           f' {100 * res["render_s"] / s:5.0f}% {res["nodata_s"] * 1e3:9.1f}')
+    if torch is not None:
+      tres = bench_torch(res, args.warmup, args.steps)
+      res['torch'] = tres
+      row += (f' | {tres["seconds"] * 1e3:8.1f} {args.batch / tres["seconds"]:11.0f}'
+              f' {tres["nodata_s"] * 1e3:15.1f} {tres["seconds"] / s:7.2f}x')
+    print(row, flush=True)
+    results.append(res)
+
+  print(f'# members run by {results[0]["loop"] if results else "-"};'
+        ' compile s: ' + ', '.join(f'{r["model"]} {r["compile_s"]:.1f}' for r in results))
+  for r in results:
+    line = f'# parameters {r["model"]}: flax {r["num_params"]:,}'
+    if 'torch' in r:
+      same = 'same' if r['torch']['num_params'] == r['num_params'] else 'DIFFERENT'
+      line += f', torch {r["torch"]["num_params"]:,} ({same})'
+    print(line)
+  if torch is not None:
+    print('# torch ms renders each batch on the host with capvae\'s jitted renderer inside'
+          ' the timed step; torch nodata ms cycles through 8 batches rendered beforehand.')
+  print(f'# load average at the end: {load_average()}')
+
+  if args.profile:
+    for r in results:
+      print(f'\n# profile {r["model"]}, batch {args.batch}: one member, top level, fixed'
+            ' batch (median ms; XLA GFLOP; % of the matmul rate)')
+      for piece, seconds, flops in profile(r, args.warmup, args.steps):
+        print(f'{piece:>40} {seconds * 1e3:8.2f} ms {flops / 1e9:7.3f} GFLOP'
+              f' {100 * flops / seconds / rate:5.0f}%', flush=True)
+      layer_rows = profile_layers(r, args.warmup, args.steps)
+      if layer_rows:
+        print(f'# layers alone (ms; bwd = vjp: d kernel, d input): capvae.layers matmul'
+              f' formulation (the one trained) vs XLA\'s convolution')
+        print(f'{"layer":>30} {"GFLOP fwd":>9} {"fwd":>7} {"bwd":>7} | {"xla fwd":>7}'
+              f' {"xla bwd":>7}')
+        for name, flops, (mf, mb), (xf, xb) in layer_rows:
+          print(f'{name:>30} {flops / 1e9:9.3f} {mf * 1e3:7.2f} {mb * 1e3:7.2f} |'
+                f' {xf * 1e3:7.2f} {xb * 1e3:7.2f}', flush=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
