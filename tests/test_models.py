@@ -94,6 +94,7 @@ from capvae import layers  # noqa: E402
     (nn.ConvTranspose(32, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(32), (2, 4, 4, 32)),
     (nn.ConvTranspose(1, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(1), (2, 32, 32, 32)),
     (nn.ConvTranspose(5, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(5), (1, 3, 6, 2)),
+    (nn.ConvTranspose(3, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(3), (2, 5, 7, 8)),
 ])
 def test_matmul_convolutions_equal_flax(ref, fast, shape):
   kx, kp, kc = jax.random.split(jax.random.key(7), 3)
