@@ -1,19 +1,26 @@
-"""Convolutions written as patch extraction and one matrix product.
+"""Convolutions written as matrix products, with their gradients written out.
 
 ``Conv`` and ``ConvTranspose`` here compute exactly what ``flax.linen.Conv``
 and ``flax.linen.ConvTranspose`` (padding ``'SAME'``, ``transpose_kernel``
 False) compute, with the same parameters (``kernel [kh, kw, C_in, C_out]``,
 ``bias [C_out]``), so checkpoints and weights carry over unchanged. Only the
-formulation differs: strided slices of the padded input are concatenated on
-the channel axis and multiplied by the reshaped kernel.
+formulation differs:
+
+* a stride-2 convolution is space-to-depth (2×2 blocks of the padded input
+  become channels) followed by one product over 2×2 windows of blocks; other
+  strides build patches from strided slices;
+* a 4×4 stride-2 transposed convolution is four phase products interleaved
+  (depth-to-space), or, with fewer output than input channels, one product
+  with all 16 taps followed by shifted sums.
 
 Why: XLA's CPU backend runs a convolution fast only at the top level of a
 program; inside a loop body (``lax.map`` over members) and under ``vmap`` with
 per-member weights (which turns it into a grouped convolution) its weight
-gradients fall back to slow kernels. Slices, concatenations and matrix
-products are fast in every context, and under ``vmap`` become batched matrix
-products. The test suite checks outputs and gradients against the Flax
-modules with the same weights.
+gradients fall back to slow kernels. Products are fast in every context. Their
+gradients are written out (``jax.custom_vjp``) because, differentiated
+automatically, XLA fuses the slices and shifted sums into the products'
+operands and runs them several times slower. The test suite checks outputs
+and gradients against the Flax modules with the same weights.
 """
 
 from __future__ import annotations
