@@ -21,24 +21,17 @@ Bernoulli decoder on colours in [0, 1], as in the common open implementations.
 
 from capvae import config_lib
 
-default = config_lib.sibling(__file__, 'default')
+burgess = config_lib.sibling(__file__, 'burgess_dsprites')
 
 
 def get_config():
-  config = default.get_config()
+  """``configs/burgess_dsprites.py`` on CelebA, with 32 latents and C_max = 50."""
+  config = burgess.get_config()
   config.dataset = 'tfds:celeb_a'
   config.dataset_path = ''  # the TFDS data_dir; empty: ~/tensorflow_datasets
   config.dataset_split = 'train'
   config.model = 'burgess'
   config.latent_size = 32
   config.reconstruction = 'bernoulli'
-  config.gamma = 1000.0
   config.c_max = 50.0
-  config.c_anneal_steps = 100_000
-  config.learning_rate = 5e-4
-  config.batch_size = 64
-  config.num_steps = 100_000
-  config.log_every = 500
-  config.checkpoint_every = 5000
-  config.keep_checkpoints = 3
   return config

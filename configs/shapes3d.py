@@ -17,22 +17,14 @@ variance tuned against gamma.
 
 from capvae import config_lib
 
-default = config_lib.sibling(__file__, 'default')
+burgess = config_lib.sibling(__file__, 'burgess_dsprites')
 
 
 def get_config():
-  config = default.get_config()
+  """``configs/burgess_dsprites.py`` on procedural Shapes3D."""
+  config = burgess.get_config()
   # capvae.data.shapes3d.ProceduralShapes3D, rendered offline; dataset_path stays ''.
   config.dataset = 'shapes3d_procedural'
   config.model = 'burgess'
   config.reconstruction = 'bernoulli'
-  config.gamma = 1000.0
-  config.c_max = 25.0
-  config.c_anneal_steps = 100_000
-  config.learning_rate = 5e-4
-  config.batch_size = 64
-  config.num_steps = 100_000
-  config.log_every = 500
-  config.checkpoint_every = 5000
-  config.keep_checkpoints = 3
   return config

@@ -205,3 +205,26 @@ def test_objects_are_shaded_and_keep_their_hue():
     # Lambert shading: the object is lit unevenly, so it reads as a solid.
     value = img[lab == OBJECT].max(-1)
     assert value.max() - value.min() > 0.15, row
+
+
+def test_trains_through_the_cli_and_the_metrics_run_on_it(tmp_path):
+  """configs/shapes3d.py's dataset, a few steps of configs/test.py's size, then the metrics."""
+  import os
+  import subprocess
+  import sys
+  from capvae import evaluate
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = str(tmp_path / 'run')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'capvae.main', '--config', os.path.join(root, 'configs/test.py'),
+       f'--workdir={workdir}', '--config.dataset=shapes3d_procedural', '--config.num_steps=4'],
+      cwd=root, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = evaluate.evaluate(workdir, scale=0.002, seed=0,
+                             sizes=dict(beta_vae_batch_size=4, factor_vae_batch_size=4))
+  assert result['factor_names'] == list(shapes3d.FACTOR_NAMES)
+  assert result['factor_sizes'] == [10, 10, 10, 8, 4, 15]
+  rec = result['members'][0]
+  assert set(rec['metrics']) == set(evaluate.HEADLINE)
+  assert all(np.isfinite(v) for v in rec['metrics'].values())
+  assert np.asarray(rec['mutual_information']).shape == (4, 6)
