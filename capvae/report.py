@@ -286,6 +286,8 @@ def _img(data: bytes, alt: str) -> str:
 
 
 def _fmt(v) -> str:
+  if isinstance(v, float) and v.is_integer() and abs(v) < 1e6:
+    return str(int(v))
   if isinstance(v, float):
     return f'{v:.3g}' if abs(v) < 1e4 else f'{v:.4g}'
   return html.escape(str(v))
