@@ -33,10 +33,9 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from capvae import config_lib, data, losses, metrics, models, sweep, train
-from capvae import train_state as ts
+from capvae import data, losses, metrics, models, sweep, train
+from capvae.data import base
 from capvae.errors import ConfigError
 
 EVAL_FILE = 'eval.json'
@@ -112,7 +111,6 @@ class GridCodes:
     self.dataset = dataset
     self.chunk = chunk
     num_members = jax.tree.leaves(params)[0].shape[0]
-    latent = None
     self._params = params
     # The same function with XLA's convolutions: faster for a forward pass.
     encoder = model.encoder
@@ -131,7 +129,8 @@ class GridCodes:
         jax.ShapeDtypeStruct((chunk, len(dataset.factor_sizes)), jnp.int32)).shape[-1]
     self.codes = np.zeros((num_members, dataset.num_examples, latent), np.float32)
     self.filled = np.zeros((dataset.num_examples,), bool)
-    self.strides = np.asarray(_strides(dataset.factor_sizes), np.int64)
+    strides = base._strides(dataset.factor_sizes)  # pylint: disable=protected-access
+    self.strides = np.asarray(strides, np.int64)
     self.encoded = 0  # images encoded so far (per member)
     self.seconds = 0.0
 
@@ -158,14 +157,6 @@ class GridCodes:
       self._fill(flat)
       return self.codes[member, flat]
     return fn
-
-
-def _strides(sizes: Sequence[int]) -> list[int]:
-  out, acc = [], 1
-  for s in reversed(sizes):
-    out.append(acc)
-    acc *= s
-  return out[::-1]
 
 
 def _unflatten(flat: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
