@@ -89,6 +89,9 @@ from capvae import layers  # noqa: E402
     (nn.Conv(32, (4, 4), (2, 2), padding='SAME'), layers.Conv(32, (4, 4), (2, 2)), (2, 8, 8, 32)),
     (nn.Conv(64, (2, 2), (2, 2), padding='SAME'), layers.Conv(64, (2, 2), (2, 2)), (2, 16, 16, 32)),
     (nn.Conv(8, (3, 3), (1, 1), padding='SAME'), layers.Conv(8, (3, 3), (1, 1)), (2, 7, 5, 3)),
+    (nn.Conv(4, (3, 2), (1, 1), padding='SAME'), layers.Conv(4, (3, 2), (1, 1)), (2, 6, 5, 8)),
+    (nn.Conv(16, (4, 4), (2, 2), padding='SAME'), layers.Conv(16, (4, 4), (2, 2)), (2, 10, 6, 8)),
+    (nn.Conv(8, (3, 3), (2, 2), padding='SAME'), layers.Conv(8, (3, 3), (2, 2)), (2, 9, 8, 3)),
     (nn.Conv(32, (4, 4), (2, 2), padding='SAME'), layers.Conv(32, (4, 4), (2, 2), impl='xla'),
      (3, 64, 64, 1)),
     (nn.ConvTranspose(32, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(32), (2, 4, 4, 32)),
@@ -114,6 +117,25 @@ def test_matmul_convolutions_equal_flax(ref, fast, shape):
   g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
   g_fast = jax.grad(loss(fast), argnums=(0, 1))(params, x)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize('kernel_shape', [(2, 2, 128, 32), (2, 2, 4, 32), (3, 1, 5, 5),
+                                          (1, 1, 8, 3)])
+def test_window_product_equals_valid_convolution(kernel_shape):
+  # Both orders of the window product (multiply first when C_out <= C_in,
+  # else gather first), against XLA's convolution, outputs and gradients.
+  kx, kk, kc = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, (2, 6, 5, kernel_shape[2]))
+  kernel = jax.random.normal(kk, kernel_shape)
+  ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'VALID',
+                                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  y = ref(x, kernel)
+  np.testing.assert_allclose(layers.conv_valid(x, kernel), y, rtol=1e-5, atol=1e-4)
+  ct = jax.random.normal(kc, y.shape)
+  grads = [jax.grad(lambda x, k: jnp.sum(f(x, k) * ct), argnums=(0, 1))(x, kernel)
+           for f in (layers.conv_valid, ref)]
+  for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
 
 
