@@ -150,29 +150,32 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(devices), ('member',))
 
 
-def _loop_members(fn, states):
-  """``lax.map(fn, states)``, compiled the same way whatever the member count.
+def _loop_members(member_step, states):
+  """``lax.map(member_step, states)``, in place, compiled the same way whatever the member count.
 
-  A member's result must not depend on how many members share its device
-  (member i of a sweep ends bit for bit where a single run ends). XLA
-  specialises a loop of one trip, and a slice of an axis of length one, and
-  fuses the member's arithmetic differently then; so the stack gets one spare
-  row (never computed, dropped at the end) and the trip count is made opaque
-  to the compiler. The loop body is then the same program for any count.
+  ``member_step(state) -> (state, aux)``. The loop carries the stacked states
+  and writes each member's new state over its old row (no copy of the stack:
+  the program's input is donated). A member's result must not depend on how
+  many members share its device (member i of a sweep ends bit for bit where a
+  single run ends). XLA specialises a loop of one trip and a slice of an axis
+  of length one, and would then fuse the member's arithmetic with the slicing
+  differently; so the trip count is opaque to the compiler and the member's
+  step sits between optimisation barriers. The loop body is then the same
+  program for any count.
   """
   num = jax.tree.leaves(states)[0].shape[0]
-  spare = jax.tree.map(lambda a: jnp.concatenate([a, a[:1]]), states)
   trips = num + jnp.minimum(states.step[0], 0)  # == num: steps are never negative
-  out_shape = jax.eval_shape(fn, jax.tree.map(lambda a: a[0], states))
-  outputs = jax.tree.map(lambda s: jnp.zeros((num + 1, *s.shape), s.dtype), out_shape)
+  _, aux_shape = jax.eval_shape(member_step, jax.tree.map(lambda a: a[0], states))
+  aux = jax.tree.map(lambda s: jnp.zeros((num, *s.shape), s.dtype), aux_shape)
 
-  def body(i, outputs):
-    out = fn(jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), spare))
-    return jax.tree.map(
-        lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0), outputs, out)
+  def body(i, carry):
+    states, aux = carry
+    state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), states)
+    new, out = jax.lax.optimization_barrier(member_step(jax.lax.optimization_barrier(state)))
+    put = lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0)
+    return jax.tree.map(put, states, new), jax.tree.map(put, aux, out)
 
-  outputs = jax.lax.fori_loop(0, trips, body, outputs)
-  return jax.tree.map(lambda a: a[:num], outputs)
+  return jax.lax.fori_loop(0, trips, body, (states, aux))
 
 
 def make_train_step(model, spec: StepSpec, member_loop: str = 'map',

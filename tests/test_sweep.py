@@ -289,10 +289,12 @@ def _strip(rows):
 def _close_to_single_device(members, states):
   # Another device count is another XLA CPU client, which compiles the same
   # program with ~1-ulp differences (see README); placement within one
-  # client is bitwise (the tests above).
+  # client is bitwise (the tests above). Adam divides by sqrt(v), so where a
+  # gradient is near zero those ulps can move a parameter by ~1e-5 in a few
+  # steps; atol leaves room for that, well below the learning rates (2e-4 to 1e-3).
   for i, member in enumerate(members):
     for x, y in zip(jax.tree.leaves(member.params), jax.tree.leaves(states.params)):
-      np.testing.assert_allclose(x, y[i], rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(x, y[i], rtol=1e-4, atol=1e-4)
 
 
 def test_eight_devices_give_the_single_device_result(sweep_run, tmp_path):
