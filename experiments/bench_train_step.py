@@ -10,11 +10,16 @@ objective, Bernoulli reconstruction, Adam, the batch rendered inside the step,
 members run by ``'auto'``), and prints one row:
 
 * ms/step and img/s: median of ``--steps`` timed steps after ``--warmup``;
-* GFLOP/step from XLA's cost analysis of the compiled step, the achieved
-  GFLOP/s, and ``%mm``: that rate as a share of the machine's matrix-multiply
-  rate, measured in the same run (a jitted 2048×2048 float32 ``a @ a``);
-  ``floor ms`` is GFLOP/step at the matmul rate, the step's time if every FLOP
-  ran as fast as a big matmul;
+* GFLOP/step: the model's arithmetic, XLA's cost analysis of one member's
+  step written with XLA's own convolutions (whatever formulation trains it);
+  the achieved GFLOP/s, and ``%mm``: that rate as a share of the machine's
+  matrix-multiply rate, measured in the same run (a jitted 2048×2048 float32
+  ``a @ a``); ``floor ms`` is GFLOP/step at the matmul rate, the step's time if
+  every FLOP ran as fast as a big matmul;
+* products ms: every matrix product of the compiled member step (read from
+  its optimised HLO, fused ones included), run alone in one jitted program on
+  operands made beforehand: the time this formulation needs with no data
+  movement at all, at the rate XLA's CPU products reach at these shapes;
 * render ms: rendering the batch alone (``train.batch_at``, jitted), and
   ``data %``, its share of the step; ``nodata ms``: the member step alone
   (``train.make_member_step``, jitted at the top level) on a pre-rendered batch;
@@ -145,6 +150,12 @@ def bench_capvae(model_name: str, batch: int, warmup: int, steps: int) -> dict[s
     return box['states']
 
   seconds = median_seconds(one_step, warmup, steps)
+  # Back to back, blocking only at the end, as the training loop dispatches.
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    box['states'], box['metrics'] = compiled(box['states'], dataset)
+  jax.block_until_ready(box['states'])
+  mean_seconds = (time.perf_counter() - t0) / steps
   loss = np.asarray(box['metrics']['loss'])[:len(rows)]
   if not np.all(np.isfinite(loss)):
     raise FloatingPointError(f'{model_name}: non-finite loss {loss}.')
@@ -167,11 +178,108 @@ def bench_capvae(model_name: str, batch: int, warmup: int, steps: int) -> dict[s
     return mbox['state']
 
   nodata_s = median_seconds(one_member_step, warmup, steps)
-  return dict(model=model_name, seconds=seconds, flops=flops, compile_s=compile_s,
+  dots = hlo_dots(member_c.as_text())
+  products_s = median_seconds(products_program(dots), warmup, steps)
+  return dict(model=model_name, seconds=seconds, mean_seconds=mean_seconds, flops=flops,
+              compile_s=compile_s,
+              model_flops=reference_flops(model, spec, member, x),
+              products_s=products_s, products_flops=sum(d[-1] for d in dots),
               render_s=render_s, nodata_s=nodata_s, num_params=num_params,
               loop=train.resolve_member_loop(config.member_loop), config=config,
               spec=spec, dataset=dataset, flax_model=model, render=render_c,
               state=mbox['state'], x=x)
+
+
+def reference_model(model: models.VAE) -> models.VAE:
+  """``model`` with XLA's own convolutions (``nn.Conv``/``nn.ConvTranspose``), same params."""
+  enc, dec = model.encoder, model.decoder
+  if isinstance(enc, models.ConvEncoder):
+    enc = enc.clone(conv_impl='xla')
+  if isinstance(dec, models.ConvDecoder):
+    dec = _flax_conv_decoder(dec)
+  return models.VAE(enc, dec)
+
+
+def reference_flops(model, spec, state, x) -> float:
+  """XLA's FLOP count of one member's step written with XLA's convolutions.
+
+  This is the model's arithmetic, whatever formulation trains it: the window
+  products compute a few more (they run over one extra row and column of
+  blocks), and those do not count as work done.
+  """
+  step = jax.jit(train.make_member_step(reference_model(model), spec))
+  return flops_of(step.lower(state, x).compile())
+
+
+_SHAPE = r'f32\[([\d,]*)\]'
+
+
+def hlo_dots(hlo: str) -> list[tuple[tuple[int, ...], tuple[int, ...], Any, float]]:
+  """Every matrix product in an optimised HLO module: ``(lhs shape, rhs shape,
+  dimension numbers, flops)``, fused ones included."""
+  import re  # pylint: disable=g-import-not-at-top
+  shapes = {}
+  for m in re.finditer(r'%([\w.\-]+) = ' + _SHAPE, hlo):
+    shapes[m.group(1)] = tuple(int(d) for d in m.group(2).split(',') if d)
+  dims = lambda text, key: tuple(
+      int(d) for d in (re.search(key + r'=\{([\d,]*)\}', text) or [None, ''])[1].split(',') if d)
+  out = []
+  for m in re.finditer(r'= ' + _SHAPE + r'\{[\d,]*\} dot\(%([\w.\-]+), %([\w.\-]+)\)([^\n]*)',
+                       hlo):
+    result = tuple(int(d) for d in m.group(1).split(',') if d)
+    lhs, rhs, rest = shapes[m.group(2)], shapes[m.group(3)], m.group(4)
+    dn = ((dims(rest, 'lhs_contracting_dims'), dims(rest, 'rhs_contracting_dims')),
+          (dims(rest, 'lhs_batch_dims'), dims(rest, 'rhs_batch_dims')))
+    contracted = math.prod(lhs[d] for d in dn[0][0])
+    out.append((lhs, rhs, dn, 2.0 * math.prod(result) * contracted))
+  return out
+
+
+def products_program(dots) -> Callable[[], Any]:
+  """One jitted program that computes just ``dots`` (operands made beforehand)."""
+  keys = jax.random.split(jax.random.key(2), 2 * len(dots))
+  operands = [(jax.random.normal(keys[2 * i], lhs), jax.random.normal(keys[2 * i + 1], rhs))
+              for i, (lhs, rhs, _, _) in enumerate(dots)]
+  numbers = [dn for _, _, dn, _ in dots]
+  fn = jax.jit(lambda ops: [jax.lax.dot_general(a, b, dn)
+                            for (a, b), dn in zip(ops, numbers)])
+  compiled = fn.lower(operands).compile()
+  return lambda: compiled(operands)
+
+
+def bench_loop(model_name: str, batch: int, num_steps: int) -> dict[str, Any]:
+  """Trains ``configs/default.py`` for ``num_steps`` with the real loop (``make train``).
+
+  The whole of ``train.train_and_evaluate`` in a temporary workdir: the step,
+  logging every ``log_every`` steps, checkpoints every ``checkpoint_every``
+  and at the end. Returns its rate over the logged intervals after the
+  first (which holds the compilation), as ms/step.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  config = default_config(model_name, batch)
+  config.num_steps = num_steps
+  workdir = tempfile.mkdtemp(prefix='capvae_bench_loop_')
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)
+  try:
+    t0 = time.perf_counter()
+    train.train_and_evaluate(config, workdir)
+    wall = time.perf_counter() - t0
+    with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+      rows = [json.loads(line) for line in f]
+  finally:
+    logging.set_verbosity(verbosity)
+    shutil.rmtree(workdir, ignore_errors=True)
+  steps = [r['step'] for r in rows]
+  # Interval k ends at logged step steps[k]: (steps[k] - steps[k-1]) steps at rate k.
+  spans = [(b - a, r['steps_per_sec']) for a, b, r in zip(steps, steps[1:], rows[1:])]
+  seconds = sum(n / rate for n, rate in spans)
+  return dict(seconds=seconds / sum(n for n, _ in spans), steps=sum(n for n, _ in spans),
+              wall=wall, checkpoints=num_steps // config.checkpoint_every,
+              log_every=config.log_every)
 
 
 # --------------------------------------------------------------------------
@@ -481,6 +589,10 @@ def main(argv=None):
   parser.add_argument('--steps', type=int, default=20, help='timed steps (median)')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--no_torch', action='store_true', help='skip the PyTorch columns')
+  parser.add_argument('--loop_steps', type=int, default=0,
+                      help='also train configs/default.py this many steps with the real'
+                           ' loop (logging, checkpoints) and compare its rate with the'
+                           ' program\'s')
   parser.add_argument('--profile', action='store_true',
                       help='also time pieces of each model\'s step')
   args = parser.parse_args(argv)
@@ -512,7 +624,8 @@ def main(argv=None):
   print(f'# matmul 2048x2048 float32 (jit): {rate / 1e9:.1f} GFLOP/s')
 
   cols = (f'{"model":>9} {"ms/step":>8} {"img/s":>7} {"GFLOP":>6} {"GFLOP/s":>8}'
-          f' {"%mm":>5} {"floor ms":>8} {"render ms":>9} {"data %":>6} {"nodata ms":>9}')
+          f' {"%mm":>5} {"floor ms":>8} {"products ms":>11} {"render ms":>9} {"data %":>6}'
+          f' {"nodata ms":>9}')
   if torch is not None:
     cols += (f' | {"torch ms":>8} {"torch img/s":>11} {"torch nodata ms":>15}'
              f' {"vs torch":>8}')
@@ -520,10 +633,11 @@ def main(argv=None):
   results = []
   for name in names:
     res = bench_capvae(name, args.batch, args.warmup, args.steps)
-    s, flops = res['seconds'], res['flops']
+    s, flops = res['seconds'], res['model_flops']
     row = (f'{name:>9} {s * 1e3:8.1f} {args.batch / s:7.0f} {flops / 1e9:6.2f}'
            f' {flops / s / 1e9:8.1f} {100 * flops / s / rate:4.0f}%'
-           f' {flops / rate * 1e3:8.1f} {res["render_s"] * 1e3:9.1f}'
+           f' {flops / rate * 1e3:8.1f} {res["products_s"] * 1e3:11.1f}'
+           f' {res["render_s"] * 1e3:9.1f}'
            f' {100 * res["render_s"] / s:5.0f}% {res["nodata_s"] * 1e3:9.1f}')
     if torch is not None:
       tres = bench_torch(res, args.warmup, args.steps)
@@ -536,6 +650,10 @@ def main(argv=None):
   print(f'# members run by {results[0]["loop"] if results else "-"};'
         ' compile s: ' + ', '.join(f'{r["model"]} {r["compile_s"]:.1f}' for r in results))
   for r in results:
+    print(f'# {r["model"]}: the program executes {r["flops"] / 1e9:.2f} GFLOP (XLA), of which'
+          f' products {r["products_flops"] / 1e9:.2f}; products alone run at'
+          f' {r["products_flops"] / r["products_s"] / 1e9:.1f} GFLOP/s')
+  for r in results:
     line = f'# parameters {r["model"]}: flax {r["num_params"]:,}'
     if 'torch' in r:
       same = 'same' if r['torch']['num_params'] == r['num_params'] else 'DIFFERENT'
@@ -544,6 +662,17 @@ def main(argv=None):
   if torch is not None:
     print('# torch ms renders each batch on the host with capvae\'s jitted renderer inside'
           ' the timed step; torch nodata ms cycles through 8 batches rendered beforehand.')
+  if args.loop_steps:
+    for r in results:
+      loop = bench_loop(r['model'], args.batch, args.loop_steps)
+      gap = loop['seconds'] / r['seconds'] - 1
+      gap_mean = loop['seconds'] / r['mean_seconds'] - 1
+      print(f'# loop {r["model"]}: train_and_evaluate, {args.loop_steps} steps (logs every'
+            f' {loop["log_every"]}, {loop["checkpoints"]} checkpoint(s), {loop["wall"]:.1f} s'
+            f' wall with compilation): {loop["seconds"] * 1e3:.1f} ms/step over the'
+            f' {loop["steps"]} steps after the first log, against {r["seconds"] * 1e3:.1f}'
+            f' for the program (median): {100 * gap:+.1f}%; {r["mean_seconds"] * 1e3:.1f}'
+            f' back to back (mean of {args.steps}): {100 * gap_mean:+.1f}%', flush=True)
   print(f'# load average at the end: {load_average()}')
 
   if args.profile:
