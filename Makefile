@@ -40,7 +40,7 @@ bench: install
 ## bench-step: the train step of each model against the matmul rate and, when installed
 ## (pip install torch==2.13.0, or .[bench]), against the same step in PyTorch eager.
 bench-step: install
-	$(BIN)/python experiments/bench_train_step.py
+	$(BIN)/python experiments/bench_train_step.py --loop_steps 600
 
 ## test: the test suite.
 test: install
