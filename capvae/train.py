@@ -199,7 +199,8 @@ def make_train_step(model, spec: StepSpec, member_loop: str = 'map',
 
   def local_step(states: ts.TrainState, dataset):
     # Members always advance together, so the first one's step is everyone's.
-    x = batch_at(dataset, states.step[0], spec)
+    # Rendered once, on its own: fused into the first layer, XLA recomputes it per use.
+    x = jax.lax.optimization_barrier(batch_at(dataset, states.step[0], spec))
     if member_loop == 'vmap':
       return jax.vmap(member_step, in_axes=(0, None))(states, x)
     return _loop_members(lambda s: member_step(s, x), states)
