@@ -28,7 +28,11 @@ members run by ``'auto'``), and prints one row:
   per core). ``torch ms`` renders each batch with capvae's (jitted JAX)
   dataset on the host inside the timed step, as the JAX step does;
   ``torch nodata ms`` cycles through a pool of batches rendered beforehand.
-  ``vs torch`` is capvae img/s over torch img/s, both with rendering.
+  ``vs torch`` is capvae img/s over torch img/s, both with rendering. As the
+  machine's speed drifts by ±15 % within minutes, ``--rounds`` then times the
+  two steps alternately and prints each round's ratio;
+* ``--loop_steps N``: the whole training loop (``train.train_and_evaluate``:
+  logging, checkpoints) for N steps, against the program alone.
 
 ``--profile`` adds, for each model, timings of pieces of one member's step
 (encoder and decoder forward, forward and backward, the optimizer update,
@@ -181,7 +185,7 @@ def bench_capvae(model_name: str, batch: int, warmup: int, steps: int) -> dict[s
   dots = hlo_dots(member_c.as_text())
   products_s = median_seconds(products_program(dots), warmup, steps)
   return dict(model=model_name, seconds=seconds, mean_seconds=mean_seconds, flops=flops,
-              compile_s=compile_s,
+              compile_s=compile_s, one_step=one_step,
               model_flops=reference_flops(model, spec, member, x),
               products_s=products_s, products_flops=sum(d[-1] for d in dots),
               render_s=render_s, nodata_s=nodata_s, num_params=num_params,
@@ -416,7 +420,8 @@ def bench_torch(res: dict[str, Any], warmup: int, steps: int, pool_size: int = 8
   with_data = timed(lambda: host_batch(10_000 + counter['step']))
   pool = [host_batch(20_000 + i) for i in range(pool_size)]
   nodata = timed(lambda: pool[counter['step'] % pool_size])
-  return dict(seconds=with_data, nodata_s=nodata, num_params=num_params)
+  again = lambda: timed(lambda: host_batch(30_000 + counter['step']))
+  return dict(seconds=with_data, nodata_s=nodata, num_params=num_params, again=again)
 
 
 # --------------------------------------------------------------------------
@@ -589,6 +594,9 @@ def main(argv=None):
   parser.add_argument('--steps', type=int, default=20, help='timed steps (median)')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--no_torch', action='store_true', help='skip the PyTorch columns')
+  parser.add_argument('--rounds', type=int, default=5,
+                      help='with torch: alternate the two steps this many more times and'
+                           ' give the ratio of each round (the machine\'s speed drifts)')
   parser.add_argument('--loop_steps', type=int, default=0,
                       help='also train configs/default.py this many steps with the real'
                            ' loop (logging, checkpoints) and compare its rate with the'
@@ -662,6 +670,15 @@ def main(argv=None):
   if torch is not None:
     print('# torch ms renders each batch on the host with capvae\'s jitted renderer inside'
           ' the timed step; torch nodata ms cycles through 8 batches rendered beforehand.')
+  for r in results:
+    if 'torch' in r and args.rounds:
+      ratios = []
+      for _ in range(args.rounds):
+        ours = median_seconds(r['one_step'], 1, args.steps)
+        ratios.append(r['torch']['again']() / ours)
+      print(f'# paired rounds {r["model"]} (capvae then torch, {args.steps} steps each):'
+            f' vs torch {" ".join(f"{x:.2f}x" for x in ratios)}; median'
+            f' {statistics.median(ratios):.2f}x', flush=True)
   if args.loop_steps:
     for r in results:
       loop = bench_loop(r['model'], args.batch, args.loop_steps)
