@@ -53,6 +53,20 @@ def _same_padding(size: int, k: int, s: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
+def _space_to_depth(x):
+  """``[B, 2H, 2W, C]`` → ``[B, H, W, 4C]``: each 2×2 block's pixels as channels, ``(di, dj, c)``."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // 2, w // 2, 4 * c)
+
+
+def _depth_to_space(x):
+  """The inverse of :func:`_space_to_depth`: ``[B, H, W, 4C]`` → ``[B, 2H, 2W, C]``."""
+  b, h, w, c4 = x.shape
+  x = x.reshape(b, h, w, 2, 2, c4 // 4).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, 2 * h, 2 * w, c4 // 4)
+
+
 def _taps(kh: int, kw: int):
   return [(a, b) for a in range(kh) for b in range(kw)]
 
@@ -143,18 +157,15 @@ def conv2d(x, kernel, strides: Sequence[int]):
   """
   kh, kw, cin, cout = kernel.shape
   sh, sw = strides
-  b, h, w, _ = x.shape
+  _, h, w, _ = x.shape
   ph, pw = _same_padding(h, kh, sh), _same_padding(w, kw, sw)
   xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
   if (sh, sw) == (1, 1):
     return conv_valid(xp, kernel)
   if (sh, sw) == (2, 2) and kh % 2 == 0 and kw % 2 == 0 and h % 2 == 0 and w % 2 == 0:
-    hb, wb = xp.shape[1] // 2, xp.shape[2] // 2
-    blocks = xp.reshape(b, hb, 2, wb, 2, cin).transpose(0, 1, 3, 2, 4, 5).reshape(
-        b, hb, wb, 4 * cin)
     # Tap (2a + di, 2b + dj) reads sub-pixel (di, dj) of block (o + a, p + b).
     k = kernel.reshape(kh // 2, 2, kw // 2, 2, cin, cout).transpose(0, 2, 1, 3, 4, 5)
-    return conv_valid(blocks, k.reshape(kh // 2, kw // 2, 4 * cin, cout))
+    return conv_valid(_space_to_depth(xp), k.reshape(kh // 2, kw // 2, 4 * cin, cout))
   oh, ow = -(-h // sh), -(-w // sw)
   cols = [xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
           for i in range(kh) for j in range(kw)]
@@ -177,14 +188,12 @@ def conv_transpose2d(x, kernel):
   kh, kw, cin, cout = kernel.shape
   if (kh, kw) != (4, 4):
     raise ValueError(f'conv_transpose2d supports 4×4 kernels, got {kh}×{kw}.')
-  b, h, w, _ = x.shape
+  _, h, w, _ = x.shape
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   # k[a, b, c, (q, r, f)] = kernel[2a + 1 − q, 2b + 1 − r, c, f]
   k = kernel.reshape(2, 2, 2, 2, cin, cout)[:, ::-1, :, ::-1]
   k = k.transpose(0, 2, 4, 1, 3, 5).reshape(2, 2, cin, 4 * cout)
-  y = conv_valid(xp, k)  # [B, H + 1, W + 1, (q, r, f)]
-  y = y.reshape(b, h + 1, w + 1, 2, 2, cout).transpose(0, 1, 3, 2, 4, 5)
-  y = y.reshape(b, 2 * h + 2, 2 * w + 2, cout)
+  y = _depth_to_space(conv_valid(xp, k))  # [B, 2H + 2, 2W + 2, F]
   return y[:, 1:2 * h + 1, 1:2 * w + 1, :]
 
 

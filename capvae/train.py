@@ -23,7 +23,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import jax

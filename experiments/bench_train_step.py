@@ -43,13 +43,18 @@ batch, with its XLA FLOP count.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import re
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -221,7 +226,6 @@ _SHAPE = r'f32\[([\d,]*)\]'
 def hlo_dots(hlo: str) -> list[tuple[tuple[int, ...], tuple[int, ...], Any, float]]:
   """Every matrix product in an optimised HLO module: ``(lhs shape, rhs shape,
   dimension numbers, flops)``, fused ones included."""
-  import re  # pylint: disable=g-import-not-at-top
   shapes = {}
   for m in re.finditer(r'%([\w.\-]+) = ' + _SHAPE, hlo):
     shapes[m.group(1)] = tuple(int(d) for d in m.group(2).split(',') if d)
@@ -259,10 +263,6 @@ def bench_loop(model_name: str, batch: int, num_steps: int) -> dict[str, Any]:
   and at the end. Returns its rate over the logged intervals after the
   first (which holds the compilation), as ms/step.
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
   config = default_config(model_name, batch)
   config.num_steps = num_steps
   workdir = tempfile.mkdtemp(prefix='capvae_bench_loop_')
@@ -376,7 +376,7 @@ def bench_torch(res: dict[str, Any], warmup: int, steps: int, pool_size: int = 8
   import torch
   import torch.nn.functional as F
 
-  config, spec, dataset = res['config'], res['spec'], res['dataset']
+  config, dataset = res['config'], res['dataset']
   torch.manual_seed(0)
   net = torch_model(res['model'], config.latent_size, dataset.observation_shape)
   num_params = sum(p.numel() for p in net.parameters())
@@ -701,8 +701,8 @@ def main(argv=None):
               f' {100 * flops / seconds / rate:5.0f}%', flush=True)
       layer_rows = profile_layers(r, args.warmup, args.steps)
       if layer_rows:
-        print(f'# layers alone (ms; bwd = vjp: d kernel, d input): capvae.layers matmul'
-              f' formulation (the one trained) vs XLA\'s convolution')
+        print('# layers alone (ms; bwd = vjp: d kernel, d input): capvae.layers matmul'
+              ' formulation (the one trained) vs XLA\'s convolution')
         print(f'{"layer":>30} {"GFLOP fwd":>9} {"fwd":>7} {"bwd":>7} | {"xla fwd":>7}'
               f' {"xla bwd":>7}')
         for name, flops, (mf, mb), (xf, xb) in layer_rows:
