@@ -109,6 +109,11 @@ def validate(config) -> None:
     raise ConfigError('config.beta_norm must be True or False.')
   for name, rule in NUMBER_RULES.items():
     _number(config, name, **rule)
+  micro = config.get('microbatch_size', 0)
+  _check_number('config.microbatch_size', micro, lo=0, integer=True)
+  if micro and (micro > config.batch_size or config.batch_size % micro):
+    raise ConfigError(f'config.microbatch_size = {micro}: must divide config.batch_size ='
+                      f' {config.batch_size} (or be 0: chosen for the platform).')
   validate_sweep(config)
 
 
@@ -180,7 +185,7 @@ def check_against_dataset(config, dataset) -> None:
 
 
 # Fields added after runs were saved without them, and the value such runs used.
-LATER_FIELDS = {'dataset_split': 'train'}
+LATER_FIELDS = {'dataset_split': 'train', 'microbatch_size': 0}
 
 
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -120,6 +120,11 @@ class VAE(nn.Module):
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
     return self.decoder(z), mean, logvar
 
+  def with_noise(self, x, eps):
+    """:meth:`__call__` with its standard normal draw ``eps [B, M]`` given."""
+    mean, logvar = self.encoder(x)
+    return self.decoder(mean + jnp.exp(0.5 * logvar) * eps), mean, logvar
+
   def encode(self, x):
     return self.encoder(x)
 

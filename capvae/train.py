@@ -50,6 +50,7 @@ class StepSpec:
   schedule: str
   beta_norm: bool
   batch_size: int
+  microbatch: int  # images per micro-batch (see member_grads); the batch size: none
   data_seed: int
   optimizer_kwargs: tuple[tuple[str, float], ...]
 
@@ -62,6 +63,7 @@ class StepSpec:
         schedule=config.schedule,
         beta_norm=bool(config.beta_norm),
         batch_size=int(config.batch_size),
+        microbatch=resolve_microbatch(config),
         data_seed=int(config.data_seed),
         optimizer_kwargs=(('b1', float(config.adam_b1)),
                           ('b2', float(config.adam_b2)),
@@ -76,17 +78,69 @@ def reconstruction(spec: StepSpec, out, x, hparams: ts.Hparams):
   return losses.RECONSTRUCTIONS[spec.reconstruction](out, x)
 
 
+def objective(spec: StepSpec, hparams: ts.Hparams, step, rec, kl, input_size: int):
+  """The config's objective of per-example reconstructions ``rec [B]`` and KLs ``kl [B, M]``.
+
+  Every objective is linear in ``rec`` (it enters as a weighted batch mean),
+  which is what lets :func:`member_grads` split a batch into micro-batches.
+  """
+  if spec.objective == 'beta':
+    return losses.beta_objective(rec, kl, hparams.beta, normalized=spec.beta_norm,
+                                 input_size=input_size)
+  c = schedules.get(spec.schedule, hparams.c_max, hparams.c_anneal_steps)(step)
+  return losses.capacity_objective(rec, kl, hparams.gamma, c,
+                                   penalty=spec.capacity_penalty)
+
+
 def member_loss(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec):
   """One member's ``(loss, aux)`` on batch ``x`` at optimizer step ``step``."""
   out, mean, logvar = model.apply(params, x, key)
   rec = reconstruction(spec, out, x, hparams)
   kl = losses.gaussian_kl(mean, logvar)
-  if spec.objective == 'beta':
-    return losses.beta_objective(rec, kl, hparams.beta, normalized=spec.beta_norm,
-                                 input_size=int(np.prod(x.shape[1:])))
-  c = schedules.get(spec.schedule, hparams.c_max, hparams.c_anneal_steps)(step)
-  return losses.capacity_objective(rec, kl, hparams.gamma, c,
-                                   penalty=spec.capacity_penalty)
+  return objective(spec, hparams, step, rec, kl, int(np.prod(x.shape[1:])))
+
+
+def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec):
+  """``((loss, aux), grads)`` of :func:`member_loss`, over micro-batches.
+
+  With ``spec.microbatch`` below the batch size, the batch is split into
+  micro-batches of that many images, each differentiated on its own in a
+  ``lax.scan`` that sums their gradients, so a micro-batch's activations stay
+  in cache (on CPU the whole batch's do not, and the step waits on memory).
+  The gradient is the full batch's, exactly up to float rounding: the
+  objective is a function of per-example statistics, linear in the
+  reconstructions, so its gradient is ``Σ_b ∂rec_b·g_rec_b + ∂kl_b·g_kl_b``
+  with weights ``g`` that a forward pass of the encoder over the whole batch
+  fixes (the KL penalty can depend on the batch mean KL). The noise is the
+  same draw as the full batch's.
+  """
+  b = x.shape[0]
+  n = spec.microbatch or b
+  if n >= b:
+    return jax.value_and_grad(member_loss, has_aux=True)(params, model, hparams, step, x,
+                                                         key, spec)
+  input_size = int(np.prod(x.shape[1:]))
+  mean, logvar = model.apply(params, x, method=models.VAE.encode)
+  eps = jax.random.normal(key, mean.shape, mean.dtype)
+  kl = losses.gaussian_kl(mean, logvar)
+  weights = jax.grad(
+      lambda rec, kl: objective(spec, hparams, step, rec, kl, input_size)[0],
+      argnums=(0, 1))(jnp.zeros((b,), kl.dtype), kl)
+
+  def micro_loss(p, xs, eps, w_rec, w_kl):
+    out, mean, logvar = model.apply(p, xs, eps, method=models.VAE.with_noise)
+    rec = reconstruction(spec, out, xs, hparams)
+    kl = losses.gaussian_kl(mean, logvar)
+    return jnp.sum(w_rec * rec) + jnp.sum(w_kl * kl), rec
+
+  def body(total, micro):
+    grads, rec = jax.grad(micro_loss, has_aux=True)(params, *micro)
+    return jax.tree.map(jnp.add, total, grads), rec
+
+  split = lambda a: a.reshape(b // n, n, *a.shape[1:])
+  grads, rec = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params),
+                            (split(x), split(eps), split(weights[0]), split(weights[1])))
+  return objective(spec, hparams, step, rec.reshape(b), kl, input_size), grads
 
 
 def batch_at(dataset: data.GroundTruthDataset, step, spec: StepSpec):
@@ -113,9 +167,8 @@ def make_member_step(model, spec: StepSpec):
   def member_step(state: ts.TrainState, x):
     _, noise_key = ts.member_keys(state.hparams.seed)
     key = jax.random.fold_in(noise_key, state.step)
-    grad_fn = jax.value_and_grad(member_loss, has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, model, state.hparams, state.step, x,
-                                 key, spec)
+    (loss, aux), grads = member_grads(state.params, model, state.hparams, state.step, x,
+                                      key, spec)
     tx = ts.make_optimizer(state.hparams.learning_rate, **opt_kwargs)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -134,6 +187,24 @@ def make_member_step(model, spec: StepSpec):
     return new, aux
 
   return member_step
+
+
+MICROBATCH_AUTO_CPU = 16
+
+
+def resolve_microbatch(config, platform: str | None = None) -> int:
+  """Images per micro-batch: ``config.microbatch_size``, or for 0 (auto) the
+  batch's largest divisor from 8 to 16 for a convolutional model on CPU (where
+  it keeps activations in cache), and the whole batch otherwise."""
+  batch = int(config.batch_size)
+  size = int(config.get('microbatch_size', 0))
+  if size:
+    return size
+  platform = platform or jax.default_backend()
+  if platform != 'cpu' or config.model == 'mlp':
+    return batch
+  fits = [d for d in range(8, MICROBATCH_AUTO_CPU + 1) if batch % d == 0 and d < batch]
+  return max(fits) if fits else batch
 
 
 def resolve_member_loop(member_loop: str, platform: str | None = None) -> str:
@@ -643,7 +714,10 @@ def load_config(workdir: str):
   if not os.path.exists(path):
     raise config_lib.ConfigError(f'{path} does not exist: not a capvae workdir.')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = json.load(f)
+  for k, v in config_lib.LATER_FIELDS.items():
+    config.setdefault(k, v)
+  return ml_collections.ConfigDict(config)
 
 
 def load_chunk(workdir: str, chunk: int, ids, member_rows, model, dataset,

@@ -58,6 +58,11 @@ def get_config():
   config.adam_b2 = 0.999
   config.adam_eps = 1e-8
   config.batch_size = 64
+  # Images per micro-batch: each step sums the gradients of batch_size /
+  # microbatch_size micro-batches, the same gradient up to float rounding
+  # (capvae.train.member_grads). 0: chosen for the platform (16 for the conv
+  # models on CPU, where it keeps activations in cache; else the whole batch).
+  config.microbatch_size = 0
   config.num_steps = 2000
   config.seed = 0
 

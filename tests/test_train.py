@@ -14,7 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from capvae import data, losses, models, schedules, sweep, train
+from capvae import config_lib, data, losses, models, schedules, sweep, train
 from capvae import train_state as ts
 from conftest import ROOT, load_config
 
@@ -97,8 +97,10 @@ def _manual_member_step(model, spec, state, x):
   return new, loss_fn(state.params)
 
 
-def test_stacked_members_equal_separate_runs_and_a_manual_step():
+@pytest.mark.parametrize('microbatch_size', [0, 4])
+def test_stacked_members_equal_separate_runs_and_a_manual_step(microbatch_size):
   config = load_config('test')
+  config.microbatch_size = microbatch_size  # 4: two micro-batches of the batch of 8
   # The manual step is a different program, so it rounds differently; with
   # Adam's default eps a near-zero gradient whose sign flips under float noise
   # moves a full lr either way. eps = 1 keeps small updates linear in the
@@ -106,6 +108,7 @@ def test_stacked_members_equal_separate_runs_and_a_manual_step():
   # member program and agree bit for bit.
   config.adam_eps = 1.0
   spec = train.StepSpec.from_config(config)
+  assert spec.microbatch == (microbatch_size or config.batch_size)
   dataset = data.get('dsprites')
   model = models.get('burgess', config.latent_size, dataset.observation_shape)
   base = sweep.members(config)[0]
@@ -140,6 +143,70 @@ def test_stacked_members_equal_separate_runs_and_a_manual_step():
   # Different seeds give different initial parameters.
   fresh = init(sweep.stack(rows)).params
   assert any(not np.allclose(leaf[0], leaf[1]) for leaf in jax.tree.leaves(fresh))
+
+
+OBJECTIVES = [dict(objective='capacity', capacity_penalty=p) for p in losses.CAPACITY_PENALTIES] + [
+    dict(objective='beta', beta_norm=False), dict(objective='beta', beta_norm=True),
+    dict(objective='capacity', reconstruction='gaussian')]
+
+
+@pytest.mark.parametrize('settings', OBJECTIVES, ids=lambda d: '-'.join(map(str, d.values())))
+def test_micro_batches_give_the_full_batch_gradient(settings):
+  """Summed over micro-batches, every objective's gradient is the whole batch's.
+
+  C lies between the batch's mean KL and one micro-batch's, so a step that took
+  the penalty per micro-batch would push that one's KL the wrong way."""
+  config = load_config('test')
+  config.batch_size = 12
+  for k, v in settings.items():
+    config[k] = v
+  dataset = data.get('dsprites')
+  model = models.get('burgess', config.latent_size, dataset.observation_shape)
+  whole = train.StepSpec.from_config(config)
+  assert whole.microbatch == config.batch_size  # auto on CPU: no divisor of 12 in 8..16 below it
+  spec = lambda n: train.StepSpec(**dict(vars(whole), microbatch=n))
+  state = jax.tree.map(lambda a: a[0], train.init_states(
+      model, sweep.stack(sweep.members(config)), dataset.observation_shape, whole))
+  x = train.batch_at(dataset, 0, whole)
+  key = jax.random.key(3)
+  _, mean, logvar = model.apply(state.params, x, key)
+  kl = np.asarray(jnp.sum(losses.gaussian_kl(mean, logvar), -1), np.float64)
+  micro_means = kl.reshape(3, 4).mean(1)
+  c = 0.5 * (kl.mean() + micro_means.min())
+  assert micro_means.min() < c < kl.mean()
+  hp = state.hparams.replace(c_max=jnp.float32(c), c_anneal_steps=jnp.int32(1), beta=jnp.float32(4.0))
+  (loss, aux), grads = jax.jit(lambda p: train.member_grads(p, model, hp, 5, x, key, spec(12)))(
+      state.params)
+  for n in (4, 6, 3):
+    (loss_n, aux_n), grads_n = jax.jit(
+        lambda p: train.member_grads(p, model, hp, 5, x, key, spec(n)))(state.params)
+    np.testing.assert_allclose(loss_n, loss, rtol=1e-6)
+    for k in aux:
+      np.testing.assert_allclose(aux_n[k], aux[k], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_n), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  # Taken per micro-batch, the penalty's gradient differs: the test can tell.
+  naive = [jax.grad(lambda p: train.member_loss(p, model, hp, 5, x[i:i + 4], key, whole)[0])(
+      state.params) for i in (0, 4, 8)]
+  naive = jax.tree.map(lambda *g: sum(g) / 3, *naive)
+  if settings.get('capacity_penalty') in ('abs', 'squared'):
+    assert any(not np.allclose(a, b, rtol=1e-2, atol=1e-4)
+               for a, b in zip(jax.tree.leaves(naive), jax.tree.leaves(grads)))
+
+
+def test_microbatch_size_must_divide_the_batch():
+  config = load_config('test')
+  for bad in (3, 16, -1):
+    config.microbatch_size = bad
+    with pytest.raises(config_lib.ConfigError, match='microbatch_size'):
+      config_lib.validate(config)
+  config.microbatch_size = 2
+  config_lib.validate(config)
+  config.batch_size, config.microbatch_size = 64, 0
+  assert train.resolve_microbatch(config, 'cpu') == 16
+  assert train.resolve_microbatch(config, 'gpu') == 64
+  config.model = 'mlp'
+  assert train.resolve_microbatch(config, 'cpu') == 64
 
 
 def test_hyperparameter_values_do_not_recompile():
