@@ -28,15 +28,35 @@ class ConvEncoder(nn.Module):
   conv_impl: str = 'matmul'  # see capvae.layers.Conv
 
   @nn.compact
-  def __call__(self, x):
-    for i, (features, k) in enumerate(self.convs):
-      x = nn.relu(layers.Conv(features, (k, k), strides=(2, 2), impl=self.conv_impl,
-                              name=f'Conv_{i}')(x))
+  def __call__(self, x, start: int = 0, stop: int | None = None):
+    """``(mean, logvar)`` of images ``x``, or a part of the network.
+
+    With ``stop``, only convolutions ``start … stop − 1`` run and the last one's
+    output is returned before its ReLU; with ``start > 0``, ``x`` is such an
+    output of convolution ``start − 1``. :func:`capvae.train.member_grads` uses
+    this to compute the stem once for the whole batch.
+    """
+    if start:
+      x = nn.relu(x)
+    for i, (features, k) in enumerate(self.convs[start:stop], start):
+      x = layers.Conv(features, (k, k), strides=(2, 2), impl=self.conv_impl,
+                      name=f'Conv_{i}')(x)
+      if stop is not None and i == stop - 1:
+        return x
+      x = nn.relu(x)
     x = x.reshape(x.shape[0], -1)
     for width in self.dense:
       x = nn.relu(nn.Dense(width)(x))
     out = nn.Dense(2 * self.latent_size)(x)
     return out[:, :self.latent_size], out[:, self.latent_size:]
+
+
+def encoder_stem(model) -> int:
+  """How many leading encoder layers the micro-batched step runs once for the
+  whole batch (:func:`capvae.train.member_grads`): up to the conv encoders'
+  costliest layer, their second convolution; 0 for the others."""
+  convs = getattr(model.encoder, 'convs', ())
+  return 2 if len(convs) > 2 else 0
 
 
 class ConvDecoder(nn.Module):

@@ -111,8 +111,12 @@ def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpe
   objective is a function of per-example statistics, linear in the
   reconstructions, so its gradient is ``Σ_b ∂rec_b·g_rec_b + ∂kl_b·g_kl_b``
   with weights ``g`` that a forward pass of the encoder over the whole batch
-  fixes (the KL penalty can depend on the batch mean KL). The noise is the
-  same draw as the full batch's.
+  fixes (the KL penalty can depend on the batch mean KL). That pass also keeps
+  the encoder stem's output (:func:`capvae.models.encoder_stem`: up to the
+  costliest convolution), which the micro-batches then take as given in their
+  forward pass and differentiate by recomputing only its inputs, so the
+  stem's big product runs once. The noise is the same draw as the full
+  batch's.
   """
   b = x.shape[0]
   n = spec.microbatch or b
@@ -120,15 +124,31 @@ def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpe
     return jax.value_and_grad(member_loss, has_aux=True)(params, model, hparams, step, x,
                                                          key, spec)
   input_size = int(np.prod(x.shape[1:]))
-  mean, logvar = model.apply(params, x, method=models.VAE.encode)
+  encode = lambda p, x, **kw: model.encoder.apply({'params': p['params']['encoder']}, x, **kw)
+  k = models.encoder_stem(model)
+  stem = encode(params, x, stop=k) if k else x
+  mean, logvar = encode(params, stem, start=k)
   eps = jax.random.normal(key, mean.shape, mean.dtype)
   kl = losses.gaussian_kl(mean, logvar)
   weights = jax.grad(
       lambda rec, kl: objective(spec, hparams, step, rec, kl, input_size)[0],
       argnums=(0, 1))(jnp.zeros((b,), kl.dtype), kl)
 
-  def micro_loss(p, xs, eps, w_rec, w_kl):
-    out, mean, logvar = model.apply(p, xs, eps, method=models.VAE.with_noise)
+  @jax.custom_vjp
+  def given_stem(p, xs, value):
+    """The stem's output on ``xs``, computed beforehand; differentiated as the stem."""
+    return value
+
+  def given_stem_bwd(res, g):
+    p, xs = res
+    return jax.vjp(lambda p: encode(p, xs, stop=k), p)[1](g)[0], jnp.zeros_like(xs), g * 0
+
+  given_stem.defvjp(lambda p, xs, value: (value, (p, xs)), given_stem_bwd)
+
+  def micro_loss(p, xs, stem, eps, w_rec, w_kl):
+    mean, logvar = encode(p, given_stem(p, xs, stem) if k else xs, start=k)
+    z = mean + jnp.exp(0.5 * logvar) * eps
+    out = model.decoder.apply({'params': p['params']['decoder']}, z)
     rec = reconstruction(spec, out, xs, hparams)
     kl = losses.gaussian_kl(mean, logvar)
     return jnp.sum(w_rec * rec) + jnp.sum(w_kl * kl), rec
@@ -138,8 +158,8 @@ def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpe
     return jax.tree.map(jnp.add, total, grads), rec
 
   split = lambda a: a.reshape(b // n, n, *a.shape[1:])
-  grads, rec = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params),
-                            (split(x), split(eps), split(weights[0]), split(weights[1])))
+  micro = (split(x), split(stem), split(eps), split(weights[0]), split(weights[1]))
+  grads, rec = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), micro)
   return objective(spec, hparams, step, rec.reshape(b), kl, input_size), grads
 
 

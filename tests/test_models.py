@@ -69,6 +69,28 @@ def test_shapes_and_reparameterisation(name):
   np.testing.assert_array_equal(logvar, logvar2)
 
 
+@pytest.mark.parametrize('name', models.MODELS)
+def test_encoder_in_two_parts_and_with_given_noise(name):
+  """The stem and the rest compose to the encoder; ``with_noise`` is ``__call__``'s draw."""
+  model, params, _ = _init(name, m=6)
+  x = (jax.random.uniform(jax.random.key(2), (3, 64, 64, 1)) > 0.5).astype(jnp.float32)
+  mean, logvar = model.apply(params, x, method=model.encode)
+  enc = lambda x, **kw: model.encoder.apply({'params': params['params']['encoder']}, x, **kw)
+  k = models.encoder_stem(model)
+  assert k == (0 if name == 'mlp' else 2)
+  for stop in range(1, len(getattr(model.encoder, 'convs', ())) + 1):
+    stem = enc(x, stop=stop)
+    assert stem.ndim == 4 and float(jnp.min(stem)) < 0  # before its ReLU
+    m2, l2 = enc(stem, start=stop)
+    np.testing.assert_allclose(m2, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(l2, logvar, rtol=1e-5, atol=1e-6)
+  key = jax.random.key(5)
+  out, _, _ = model.apply(params, x, key)
+  eps = jax.random.normal(key, mean.shape)
+  out2, _, _ = model.apply(params, x, eps, method=model.with_noise)
+  np.testing.assert_array_equal(out, out2)
+
+
 def test_unknown_model_and_bad_shape():
   with pytest.raises(ValueError, match='allowed'):
     models.get('resnet', 10, (64, 64, 1))
