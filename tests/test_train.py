@@ -194,6 +194,30 @@ def test_micro_batches_give_the_full_batch_gradient(settings):
                for a, b in zip(jax.tree.leaves(naive), jax.tree.leaves(grads)))
 
 
+def test_vmapped_members_with_micro_batches_equal_the_member_loop():
+  """``member_loop='vmap'`` (the accelerators' default) batches the members,
+  micro-batches included: same numbers as running them one by one."""
+  config = load_config('test')
+  config.adam_eps = 1.0  # as above: small updates stay linear in the gradient
+  config.microbatch_size = 4
+  spec = train.StepSpec.from_config(config)
+  dataset = data.get('dsprites')
+  model = models.get('burgess', config.latent_size, dataset.observation_shape)
+  base = sweep.members(config)[0]
+  rows = [dict(base, member=0), dict(base, member=1, gamma=50.0, c_max=7.0, seed=5)]
+  init = jax.jit(lambda h: train.init_states(model, h, dataset.observation_shape, spec))
+  out = {}
+  for loop in ('map', 'vmap'):
+    step_fn = jax.jit(train.make_train_step(model, spec, loop))
+    states = init(sweep.stack(rows))
+    for _ in range(2):
+      states, metrics = step_fn(states, dataset)
+    out[loop] = states, metrics
+  np.testing.assert_allclose(out['vmap'][1]['loss'], out['map'][1]['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(out['vmap'][0].params), jax.tree.leaves(out['map'][0].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_microbatch_size_must_divide_the_batch():
   config = load_config('test')
   for bad in (3, 16, -1):
