@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -572,6 +573,25 @@ def _flag_frozen(rows, warned: set[int]) -> None:
           ' Hyperparameters: %s', r['member'], r['frozen_step'], hp)
 
 
+def keep_freed_memory() -> bool:
+  """Makes glibc keep freed buffers for reuse instead of handing them back.
+
+  XLA's CPU client allocates a step's temporaries with ``malloc``. glibc serves
+  large blocks with fresh ``mmap`` s, and trims its heap, until its adaptive
+  threshold has grown past them, so for the first hundred or so steps of a
+  process every step faults its pages in again (measured: 80–130 ms instead
+  of ~55 for a Burgess step on 2 cores). Fixing the thresholds at the largest
+  value glibc allows removes that warm-up. Returns whether it applied (glibc).
+  """
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and
+                libc.mallopt(m_trim_threshold, 1 << 30))
+  except (OSError, AttributeError):  # not glibc
+    return False
+
+
 def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   """Trains the members of ``config`` in ``workdir``; resumes if it holds them.
 
@@ -585,6 +605,7 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   """
   # Everything that can reject the run happens before anything is written.
   config_lib.validate(config)
+  keep_freed_memory()
   dataset = data.get(config.dataset, config.dataset_path,
                  config.get('dataset_split', 'train'))
   config_lib.check_against_dataset(config, dataset)

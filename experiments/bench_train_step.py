@@ -646,8 +646,10 @@ def main(argv=None):
   if torch is not None:
     torch.set_num_threads(cpus)
   dev = jax.devices()[0]
+  # As train_and_evaluate does (for both steps: torch allocates with malloc too).
+  kept = train.keep_freed_memory()
   print(f'# bench_train_step: batch {args.batch}, median of {args.steps} steps after'
-        f' {args.warmup} warm-up')
+        f' {args.warmup} warm-up; malloc keeps freed memory: {"yes" if kept else "no"}')
   print(f'# jax {jax.__version__}, torch'
         f' {torch.__version__ if torch is not None else "-"}'
         f'{f" ({torch.get_num_threads()} threads)" if torch is not None else ""};'
