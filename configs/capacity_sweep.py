@@ -8,8 +8,8 @@ disentanglement_lib's AnnealedVAE study trains gamma = 1000 with C_max in
 {5, 10, 25, 50, 75, 100} nats, C raised over 100k steps of 300k, batch 64,
 Adam 1e-4, 50 seeds. Here: gamma in {100, 1000} × C_max in {5, 10, 25} × 2
 seeds = 12 members, trained together in one program on the procedural dSprites
-for 600 steps with C raised over the first 400 (about 15 minutes on 2 CPU
-cores). Nothing here is converged; what it shows is the capacity mechanism at
+for 600 steps with C raised over the first 400 (about 7 minutes of training
+on 2 CPU cores, ~0.055 s a member-step). Nothing here is converged; what it shows is the capacity mechanism at
 work across the grid: each member's KL tracks its own C, the larger gamma the
 closer, and reconstruction improves with C_max. Lengthen ``num_steps`` and
 ``c_anneal_steps`` (and add seeds) on a GPU.
