@@ -177,7 +177,7 @@ def test_micro_batches_give_the_full_batch_gradient(settings):
   hp = state.hparams.replace(c_max=jnp.float32(c), c_anneal_steps=jnp.int32(1), beta=jnp.float32(4.0))
   (loss, aux), grads = jax.jit(lambda p: train.member_grads(p, model, hp, 5, x, key, spec(12)))(
       state.params)
-  for n in (4, 6, 3):
+  for n in (4, 3):
     (loss_n, aux_n), grads_n = jax.jit(
         lambda p: train.member_grads(p, model, hp, 5, x, key, spec(n)))(state.params)
     np.testing.assert_allclose(loss_n, loss, rtol=1e-6)
@@ -186,10 +186,10 @@ def test_micro_batches_give_the_full_batch_gradient(settings):
     for a, b in zip(jax.tree.leaves(grads_n), jax.tree.leaves(grads)):
       np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
   # Taken per micro-batch, the penalty's gradient differs: the test can tell.
-  naive = [jax.grad(lambda p: train.member_loss(p, model, hp, 5, x[i:i + 4], key, whole)[0])(
-      state.params) for i in (0, 4, 8)]
-  naive = jax.tree.map(lambda *g: sum(g) / 3, *naive)
   if settings.get('capacity_penalty') in ('abs', 'squared'):
+    naive = jax.jit(lambda p: jax.tree.map(lambda *g: sum(g) / 3, *[jax.grad(
+        lambda p: train.member_loss(p, model, hp, 5, x[i:i + 4], key, whole)[0])(p)
+        for i in (0, 4, 8)]))(state.params)
     assert any(not np.allclose(a, b, rtol=1e-2, atol=1e-4)
                for a, b in zip(jax.tree.leaves(naive), jax.tree.leaves(grads)))
 
