@@ -136,9 +136,8 @@ class VAE(nn.Module):
       x: images ``[B, H, W, C]``.
       key: PRNG key for the reparameterisation noise.
     """
-    mean, logvar = self.encoder(x)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-    return self.decoder(z), mean, logvar
+    eps = jax.random.normal(key, (x.shape[0], self.encoder.latent_size), jnp.float32)
+    return self.with_noise(x, eps)
 
   def with_noise(self, x, eps):
     """:meth:`__call__` with its standard normal draw ``eps [B, M]`` given."""
