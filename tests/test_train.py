@@ -248,6 +248,26 @@ def test_hyperparameter_values_do_not_recompile():
   assert init._cache_size() == 1
 
 
+def test_a_run_saved_before_later_fields_resumes(tmp_path):
+  """A workdir whose config.json predates ``microbatch_size`` and ``dataset_split``
+  resumes with today's config, and its saved config loads and validates."""
+  workdir = str(tmp_path / 'old')
+  _train(workdir, 2)
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    saved = json.load(f)
+  for k in config_lib.LATER_FIELDS:
+    del saved[k]
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  loaded = train.load_config(workdir)
+  assert {k: loaded[k] for k in config_lib.LATER_FIELDS} == config_lib.LATER_FIELDS
+  config_lib.validate(loaded)
+  assert int(_train(workdir, 4).step[0]) == 4
+  with pytest.raises(config_lib.ConfigError, match='microbatch_size'):
+    _train(workdir, 6, microbatch_size=4)  # a different trajectory is refused
+
+
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
   workdir = str(tmp_path / 'run')
   proc = subprocess.Popen(
