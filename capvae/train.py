@@ -191,12 +191,20 @@ def make_member_step(model, spec: StepSpec):
     (loss, aux), grads = member_grads(state.params, model, state.hparams, state.step, x,
                                       key, spec)
     tx = ts.make_optimizer(state.hparams.learning_rate, **opt_kwargs)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = _all_finite(loss, grads, params)
+
+    def update(params, opt_state):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    # Whether the update is finite, from a pass that reads the state and keeps
+    # nothing; the update is then made in place, or not at all, under a cond.
+    # (Made first and then chosen elementwise against the old state, it costs
+    # a second pass over both, and XLA's CPU code for an in-place select of a
+    # donated buffer is several times slower than the update itself.)
+    finite = _all_finite(loss, grads, update(state.params, state.opt_state)[0])
     live = finite & ~state.frozen
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(live, n, o), new, old)
-    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    params, opt_state = jax.lax.cond(live, update, lambda p, o: (p, o), state.params,
+                                     state.opt_state)
     frozen = state.frozen | ~finite
     frozen_step = jnp.where(state.frozen | finite, state.frozen_step, state.step)
     aux['grad_norm'] = optax.tree.norm(grads)
