@@ -29,9 +29,10 @@ members run by ``'auto'``), and prints one row:
   per core). ``torch ms`` renders each batch with capvae's (jitted JAX)
   dataset on the host inside the timed step, as the JAX step does;
   ``torch nodata ms`` cycles through a pool of batches rendered beforehand.
-  ``vs torch`` is capvae img/s over torch img/s, both with rendering. As the
-  machine's speed drifts by ±15 % within minutes, ``--rounds`` then times the
-  two steps alternately and prints each round's ratio;
+  ``vs torch`` is capvae img/s over torch img/s, both with rendering;
+* as the machine's speed drifts by ±15 % within minutes, ``--rounds`` then
+  times the step again, each time followed by the matmul and the PyTorch step,
+  and prints each round's ``%mm`` and ratio, and their medians;
 * ``--loop_steps N``: the whole training loop (``train.train_and_evaluate``:
   logging, checkpoints) for N steps, against the program alone.
 
@@ -102,12 +103,16 @@ def flops_of(compiled) -> float:
   return sum(total) if total else math.nan
 
 
-def matmul_rate(n: int = 2048, reps: int = 10) -> float:
-  """FLOP/s of a jitted ``n×n @ n×n`` float32 product (median of ``reps``)."""
+def matmul_timer(n: int = 2048) -> Callable[[int], float]:
+  """``rate(reps)``: FLOP/s of a jitted ``n×n @ n×n`` float32 product (median of ``reps``)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a).lower(a).compile()
-  seconds = median_seconds(lambda: f(a), warmup=2, steps=reps)
-  return 2.0 * n ** 3 / seconds
+  return lambda reps: 2.0 * n ** 3 / median_seconds(lambda: f(a), warmup=2, steps=reps)
+
+
+def matmul_rate(n: int = 2048, reps: int = 10) -> float:
+  """FLOP/s of a jitted ``n×n @ n×n`` float32 product (median of ``reps``)."""
+  return matmul_timer(n)(reps)
 
 
 def load_average() -> str:
@@ -624,8 +629,9 @@ def main(argv=None):
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--no_torch', action='store_true', help='skip the PyTorch columns')
   parser.add_argument('--rounds', type=int, default=5,
-                      help='with torch: alternate the two steps this many more times and'
-                           ' give the ratio of each round (the machine\'s speed drifts)')
+                      help='time the step again this many times, each followed by the'
+                           ' matmul and (with torch) the PyTorch step, and give each'
+                           ' round\'s %%mm and ratio (the machine\'s speed drifts)')
   parser.add_argument('--loop_steps', type=int, default=0,
                       help='also train configs/default.py this many steps with the real'
                            ' loop (logging, checkpoints) and compare its rate with the'
@@ -659,7 +665,8 @@ def main(argv=None):
         f' load average {load_average()}')
   if torch is None and not args.no_torch:
     print(f'# {TORCH_HINT}')
-  rate = matmul_rate()
+  matmul = matmul_timer()
+  rate = matmul(10)
   print(f'# matmul 2048x2048 float32 (jit): {rate / 1e9:.1f} GFLOP/s')
 
   cols = (f'{"model":>9} {"ms/step":>8} {"img/s":>7} {"GFLOP":>6} {"GFLOP/s":>8}'
@@ -702,14 +709,22 @@ def main(argv=None):
     print('# torch ms renders each batch on the host with capvae\'s jitted renderer inside'
           ' the timed step; torch nodata ms cycles through 8 batches rendered beforehand.')
   for r in results:
-    if 'torch' in r and args.rounds:
-      ratios = []
-      for _ in range(args.rounds):
-        ours = median_seconds(r['one_step'], 1, args.steps)
+    if not args.rounds:
+      continue
+    fractions, ratios = [], []
+    for _ in range(args.rounds):
+      ours = median_seconds(r['one_step'], 1, args.steps)
+      fractions.append(r['model_flops'] / ours / matmul(5))
+      if 'torch' in r:
         ratios.append(r['torch']['again']() / ours)
-      print(f'# paired rounds {r["model"]} (capvae then torch, {args.steps} steps each):'
-            f' vs torch {" ".join(f"{x:.2f}x" for x in ratios)}; median'
-            f' {statistics.median(ratios):.2f}x', flush=True)
+    then = ', the matmul (5 products), then torch' if ratios else ' then the matmul (5 products)'
+    line = (f'# paired rounds {r["model"]} (capvae{then}; {args.steps} steps each):'
+            f' %mm {" ".join(f"{100 * x:.0f}%" for x in fractions)}; median'
+            f' {100 * statistics.median(fractions):.0f}%')
+    if ratios:
+      line += (f'; vs torch {" ".join(f"{x:.2f}x" for x in ratios)}; median'
+               f' {statistics.median(ratios):.2f}x')
+    print(line, flush=True)
   if args.loop_steps:
     for r in results:
       loop = bench_loop(r['model'], args.batch, args.loop_steps)
