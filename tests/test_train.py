@@ -233,6 +233,43 @@ def test_microbatch_size_must_divide_the_batch():
   assert train.resolve_microbatch(config, 'cpu') == 64
 
 
+@pytest.mark.parametrize('in_place_size', [train.IN_PLACE_SIZE, 1],
+                         ids=['small-arrays-chosen', 'all-arrays-in-place'])
+def test_a_refused_update_leaves_the_state_as_it_was(in_place_size, monkeypatch):
+  """Arrays below ``train.IN_PLACE_SIZE`` take the new or old value elementwise,
+  bigger ones are updated in place under a cond; either way a live member's
+  update is the same, and a refused one changes nothing."""
+  config = load_config('test')
+  spec = train.StepSpec.from_config(config)
+  dataset = data.get('dsprites')
+  model = models.get('burgess', config.latent_size, dataset.observation_shape)
+  base = sweep.members(config)[0]
+  # An infinite learning rate: the loss and gradients are finite, the new
+  # parameters are not, so only the check of the new parameters refuses it.
+  rows = [dict(base, member=0), dict(base, member=1, learning_rate=float('inf'))]
+  init = jax.jit(lambda h: train.init_states(model, h, dataset.observation_shape, spec))
+  reference = jax.jit(train.make_train_step(model, spec))(init(sweep.stack(rows)), dataset)
+  monkeypatch.setattr(train, 'IN_PLACE_SIZE', in_place_size)
+  step_fn = jax.jit(train.make_train_step(model, spec), donate_argnums=0)
+  states = init(sweep.stack(rows))
+  before = jax.tree.map(np.asarray, states)
+  for _ in range(2):
+    states, metrics = step_fn(states, dataset)
+  assert list(np.asarray(states.frozen)) == [False, True]
+  assert list(np.asarray(metrics['frozen_step'])) == [-1, 0]
+  assert np.isfinite(np.asarray(metrics['loss'])).all()
+  refused = jax.tree.map(lambda a: a[1], (states.params, states.opt_state))
+  kept = jax.tree.map(lambda a: a[1], (before.params, before.opt_state))
+  for a, b in zip(jax.tree.leaves(refused), jax.tree.leaves(kept)):
+    np.testing.assert_array_equal(a, b)
+  # The live member moved, and its first update is the one the default step makes.
+  first, _ = step_fn(init(sweep.stack(rows)), dataset)
+  for a, b, c in zip(jax.tree.leaves(first.params), jax.tree.leaves(reference[0].params),
+                     jax.tree.leaves(before.params)):
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-9)
+    assert not np.array_equal(a[0], c[0])
+
+
 def test_hyperparameter_values_do_not_recompile():
   config = load_config('test')
   spec = train.StepSpec.from_config(config)
