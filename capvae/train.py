@@ -188,6 +188,25 @@ def _pick(tree, mask):
   return [leaf for leaf, m in zip(jax.tree.leaves(tree), mask) if m]
 
 
+def update_or_keep(update, state, live):
+  """``update(*state)`` if ``live``, else ``state`` (a tuple of pytrees).
+
+  Arrays below :data:`IN_PLACE_SIZE` elements take the new or the old value
+  elementwise; bigger ones are updated in place under a ``lax.cond``, the
+  update made again in its branch (so a check of the update made beforehand
+  only reads them).
+  """
+  leaves, treedef = jax.tree.flatten(state)
+  big = [leaf.size >= IN_PLACE_SIZE for leaf in leaves]
+  chosen = [None if b else jnp.where(live, n, o)
+            for n, o, b in zip(jax.tree.leaves(update(*state)), leaves, big)]
+  if any(big):
+    in_place = iter(jax.lax.cond(live, lambda s: _pick(update(*s), big),
+                                 lambda s: _pick(s, big), state))
+    chosen = [next(in_place) if b else c for c, b in zip(chosen, big)]
+  return jax.tree.unflatten(treedef, chosen)
+
+
 def make_member_step(model, spec: StepSpec):
   """One member's update ``(state, x) -> (state, aux)`` on the shared batch ``x``.
 
@@ -210,22 +229,9 @@ def make_member_step(model, spec: StepSpec):
       return optax.apply_updates(params, updates), opt_state
 
     old = (state.params, state.opt_state)
-    proposed = update(*old)
-    finite = _all_finite(loss, grads, proposed[0])
+    finite = _all_finite(loss, grads, update(*old)[0])
     live = finite & ~state.frozen
-    # A refused update leaves the state as it was. Small arrays take the new or
-    # the old value elementwise; big ones (see IN_PLACE_SIZE) are updated in
-    # place under a cond, the update made again in its branch, so that the
-    # check above only reads them.
-    leaves, treedef = jax.tree.flatten(old)
-    big = [leaf.size >= IN_PLACE_SIZE for leaf in leaves]
-    chosen = [None if b else jnp.where(live, n, o)
-              for n, o, b in zip(jax.tree.leaves(proposed), leaves, big)]
-    if any(big):
-      in_place = iter(jax.lax.cond(live, lambda old: _pick(update(*old), big),
-                                   lambda old: _pick(old, big), old))
-      chosen = [next(in_place) if b else c for c, b in zip(chosen, big)]
-    params, opt_state = jax.tree.unflatten(treedef, chosen)
+    params, opt_state = update_or_keep(update, old, live)
     frozen = state.frozen | ~finite
     frozen_step = jnp.where(state.frozen | finite, state.frozen_step, state.step)
     aux['grad_norm'] = optax.tree.norm(grads)
