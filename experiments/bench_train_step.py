@@ -34,8 +34,8 @@ members run by ``'auto'``), and prints one row:
   times the step again, each time followed by the matmul and the PyTorch step,
   and prints each round's ``%mm`` and ratio, and their medians;
 * ``--loop_steps N``: the whole training loop (``train.train_and_evaluate``:
-  logging, checkpoints) for N steps, against the program alone. The loops run
-  first, before PyTorch has run in the process.
+  logging, checkpoints: ``python -m capvae.main`` in a process of its own) for
+  N steps, against the program alone.
 
 ``--profile`` adds, for each model, timings of pieces of one member's step
 (encoder and decoder forward, forward and backward, the optimizer update,
@@ -53,12 +53,12 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Callable
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -88,6 +88,19 @@ def median_seconds(fn: Callable[[], Any], warmup: int, steps: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+LOOP_PAIR_STEPS = 100
+
+
+def back_to_back_seconds(fn: Callable[[], Any], steps: int) -> float:
+  """Mean seconds of ``fn`` over ``steps`` calls dispatched back to back, as the loop does."""
+  jax.block_until_ready(fn())
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / steps
 
 
 def flops_of(compiled) -> float:
@@ -166,12 +179,6 @@ def bench_capvae(model_name: str, batch: int, warmup: int, steps: int) -> dict[s
     return box['states']
 
   seconds = median_seconds(one_step, warmup, steps)
-  # Back to back, blocking only at the end, as the training loop dispatches.
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    box['states'], box['metrics'] = compiled(box['states'], dataset)
-  jax.block_until_ready(box['states'])
-  mean_seconds = (time.perf_counter() - t0) / steps
   loss = np.asarray(box['metrics']['loss'])[:len(rows)]
   if not np.all(np.isfinite(loss)):
     raise FloatingPointError(f'{model_name}: non-finite loss {loss}.')
@@ -197,7 +204,7 @@ def bench_capvae(model_name: str, batch: int, warmup: int, steps: int) -> dict[s
   nodata_s = median_seconds(one_member_step, warmup, steps)
   dots = hlo_dots(member_c.as_text())
   products_s = median_seconds(products_program(dots), warmup, steps)
-  return dict(model=model_name, seconds=seconds, mean_seconds=mean_seconds,
+  return dict(model=model_name, seconds=seconds,
               compile_s=compile_s, one_step=one_step,
               model_flops=reference_flops(model, spec, mbox['state'], x),
               products_s=products_s, products_flops=sum(d[-1] for d in dots),
@@ -293,24 +300,26 @@ def products_program(dots) -> Callable[[], Any]:
 def bench_loop(model_name: str, batch: int, num_steps: int) -> dict[str, Any]:
   """Trains ``configs/default.py`` for ``num_steps`` with the real loop (``make train``).
 
-  The whole of ``train.train_and_evaluate`` in a temporary workdir: the step,
-  logging every ``log_every`` steps, checkpoints every ``checkpoint_every``
-  and at the end. Returns its rate over the logged intervals after the
-  first (which holds the compilation), as ms/step.
+  ``python -m capvae.main`` in a process of its own (as ``make train`` runs
+  it; PyTorch loaded in this one has slowed XLA's steps here) with a
+  temporary workdir: the step, logging every ``log_every`` steps,
+  checkpoints every ``checkpoint_every`` and at the end. Returns its rate
+  over the logged intervals after the first (which holds the compilation),
+  as ms/step.
   """
   config = default_config(model_name, batch)
-  config.num_steps = num_steps
+  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
   workdir = tempfile.mkdtemp(prefix='capvae_bench_loop_')
-  verbosity = logging.get_verbosity()
-  logging.set_verbosity(logging.WARNING)
   try:
     t0 = time.perf_counter()
-    train.train_and_evaluate(config, workdir)
+    subprocess.run([sys.executable, '-m', 'capvae.main', '--config', 'configs/default.py',
+                    f'--config.model={model_name}', f'--config.batch_size={batch}',
+                    f'--config.num_steps={num_steps}', '--workdir', workdir],
+                   cwd=root, check=True, capture_output=True)
     wall = time.perf_counter() - t0
     with open(os.path.join(workdir, train.METRICS_FILE)) as f:
       rows = [json.loads(line) for line in f]
   finally:
-    logging.set_verbosity(verbosity)
     shutil.rmtree(workdir, ignore_errors=True)
   steps = [r['step'] for r in rows]
   # Interval k ends at logged step steps[k]: (steps[k] - steps[k-1]) steps at rate k.
@@ -670,11 +679,6 @@ def main(argv=None):
   rate = matmul(10)
   print(f'# matmul 2048x2048 float32 (jit): {rate / 1e9:.1f} GFLOP/s')
 
-  # The real loops first: after PyTorch has run in this process, locatello's
-  # loop measured 12-20 % slower than alone (+2.7 %), burgess's and mlp's not.
-  loops = {name: bench_loop(name, args.batch, args.loop_steps)
-           for name in names} if args.loop_steps else {}
-
   cols = (f'{"model":>9} {"ms/step":>8} {"img/s":>7} {"GFLOP":>6} {"GFLOP/s":>8}'
           f' {"%mm":>5} {"floor ms":>8} {"products ms":>11} {"render ms":>9} {"data %":>6}'
           f' {"nodata ms":>9}')
@@ -731,17 +735,19 @@ def main(argv=None):
       line += (f'; vs torch {" ".join(f"{x:.2f}x" for x in ratios)}; median'
                f' {statistics.median(ratios):.2f}x')
     print(line, flush=True)
-  if loops:
+  if args.loop_steps:
     for r in results:
-      loop = loops[r['model']]
-      gap = loop['seconds'] / r['seconds'] - 1
-      gap_mean = loop['seconds'] / r['mean_seconds'] - 1
-      print(f'# loop {r["model"]}: train_and_evaluate, {args.loop_steps} steps (logs every'
+      loop = bench_loop(r['model'], args.batch, args.loop_steps)
+      # The program again right after, back to back: the machine's speed drifts
+      # by more than the gap measured.
+      after = back_to_back_seconds(r['one_step'], LOOP_PAIR_STEPS)
+      print(f'# loop {r["model"]}: python -m capvae.main, {args.loop_steps} steps (logs every'
             f' {loop["log_every"]}, {loop["checkpoints"]} checkpoint(s), {loop["wall"]:.1f} s'
             f' wall with compilation): {loop["seconds"] * 1e3:.1f} ms/step over the'
-            f' {loop["steps"]} steps after the first log, against {r["seconds"] * 1e3:.1f}'
-            f' for the program (median): {100 * gap:+.1f}%; {r["mean_seconds"] * 1e3:.1f}'
-            f' back to back (mean of {args.steps}): {100 * gap_mean:+.1f}%', flush=True)
+            f' {loop["steps"]} steps after the first log; the program right after,'
+            f' {LOOP_PAIR_STEPS} steps back to back: {after * 1e3:.1f} ms/step, gap'
+            f' {100 * (loop["seconds"] / after - 1):+.1f}% (against the median above:'
+            f' {100 * (loop["seconds"] / r["seconds"] - 1):+.1f}%)', flush=True)
   print(f'# load average at the end: {load_average()}')
 
   if args.profile:
