@@ -139,9 +139,13 @@ class VAE(nn.Module):
     eps = jax.random.normal(key, (x.shape[0], self.encoder.latent_size), jnp.float32)
     return self.with_noise(x, eps)
 
-  def with_noise(self, x, eps):
-    """:meth:`__call__` with its standard normal draw ``eps [B, M]`` given."""
-    mean, logvar = self.encoder(x)
+  def with_noise(self, x, eps, **encoder_kwargs):
+    """:meth:`__call__` with its standard normal draw ``eps [B, M]`` given.
+
+    ``encoder_kwargs`` go to the encoder (``start``: ``x`` is the output of the
+    encoder's first ``start`` convolutions, see :class:`ConvEncoder`).
+    """
+    mean, logvar = self.encoder(x, **encoder_kwargs)
     return self.decoder(mean + jnp.exp(0.5 * logvar) * eps), mean, logvar
 
   def encode(self, x):

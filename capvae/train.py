@@ -147,9 +147,11 @@ def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpe
   given_stem.defvjp(lambda p, xs, value: (value, (p, xs)), given_stem_bwd)
 
   def micro_loss(p, xs, stem, eps, w_rec, w_kl):
-    mean, logvar = encode(p, given_stem(p, xs, stem) if k else xs, start=k)
-    z = mean + jnp.exp(0.5 * logvar) * eps
-    out = model.decoder.apply({'params': p['params']['decoder']}, z)
+    if k:
+      out, mean, logvar = model.apply(p, given_stem(p, xs, stem), eps, start=k,
+                                      method=model.with_noise)
+    else:
+      out, mean, logvar = model.apply(p, xs, eps, method=model.with_noise)
     rec = reconstruction(spec, out, xs, hparams)
     kl = losses.gaussian_kl(mean, logvar)
     return jnp.sum(w_rec * rec) + jnp.sum(w_kl * kl), rec

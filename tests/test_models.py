@@ -89,6 +89,10 @@ def test_encoder_in_two_parts_and_with_given_noise(name):
   eps = jax.random.normal(key, mean.shape)
   out2, _, _ = model.apply(params, x, eps, method=model.with_noise)
   np.testing.assert_array_equal(out, out2)
+  if k:  # from the stem, as the micro-batched step runs it
+    out3, m3, _ = model.apply(params, enc(x, stop=k), eps, start=k, method=model.with_noise)
+    np.testing.assert_allclose(m3, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out3, out, rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_model_and_bad_shape():
