@@ -59,6 +59,15 @@ def encoder_stem(model) -> int:
   return 2 if len(convs) > 2 else 0
 
 
+def decoder_head(model) -> int:
+  """How many leading transposed convolutions (after the dense layers) the
+  micro-batched step runs once for the whole batch
+  (:func:`capvae.train.member_grads`): all but the last two, the costliest,
+  for the conv decoders; 0 for the others."""
+  deconvs = getattr(model.decoder, 'deconvs', ())
+  return len(deconvs) - 1 if len(deconvs) > 1 else 0
+
+
 class ConvDecoder(nn.Module):
   """Dense layers to an (H/16)×(W/16) map, then 4 transposed convs (k4 s2) to the image."""
   image_shape: Sequence[int]
@@ -67,17 +76,32 @@ class ConvDecoder(nn.Module):
   deconvs: Sequence[int]  # features of the first three transposed convs
 
   @nn.compact
-  def __call__(self, z):
+  def __call__(self, z, start: int = 0, stop: int | None = None):
+    """Decoder outputs for latents ``z``, or a part of the network.
+
+    With ``stop`` (≥ 1), only the dense layers and transposed convolutions
+    ``0 … stop − 1`` run and the last one's output is returned before its
+    ReLU; with ``start > 0``, ``z`` is such an output of transposed
+    convolution ``start − 1``. :func:`capvae.train.member_grads` uses this to
+    run the head once for the whole batch.
+    """
     h, w, c = self.image_shape
-    base_h, base_w = h // 16, w // 16
-    x = z
-    for width in self.dense:
-      x = nn.relu(nn.Dense(width)(x))
-    x = nn.relu(nn.Dense(base_h * base_w * self.base_features)(x))
-    x = x.reshape(z.shape[0], base_h, base_w, self.base_features)
-    for i, features in enumerate(self.deconvs):
-      x = nn.relu(layers.ConvTranspose(features, name=f'ConvTranspose_{i}')(x))
-    return layers.ConvTranspose(c, name=f'ConvTranspose_{len(self.deconvs)}')(x)
+    features = (*self.deconvs, c)
+    if start:
+      x = nn.relu(z)
+    else:
+      base_h, base_w = h // 16, w // 16
+      x = z
+      for width in self.dense:
+        x = nn.relu(nn.Dense(width)(x))
+      x = nn.relu(nn.Dense(base_h * base_w * self.base_features)(x))
+      x = x.reshape(z.shape[0], base_h, base_w, self.base_features)
+    last = len(features) if stop is None else stop
+    for i in range(start, last):
+      x = layers.ConvTranspose(features[i], name=f'ConvTranspose_{i}')(x)
+      if i < last - 1:
+        x = nn.relu(x)
+    return x
 
 
 def burgess(latent_size, image_shape):
@@ -124,6 +148,11 @@ class MLPDecoder(nn.Module):
     return x.reshape(z.shape[0], *self.image_shape)
 
 
+def reparameterize(mean, logvar, eps):
+  """The posterior sample ``mean + σ·eps`` for a standard normal draw ``eps``."""
+  return mean + jnp.exp(0.5 * logvar) * eps
+
+
 class VAE(nn.Module):
   """An encoder, the reparameterised sample, and a decoder."""
   encoder: nn.Module
@@ -146,7 +175,7 @@ class VAE(nn.Module):
     encoder's first ``start`` convolutions, see :class:`ConvEncoder`).
     """
     mean, logvar = self.encoder(x, **encoder_kwargs)
-    return self.decoder(mean + jnp.exp(0.5 * logvar) * eps), mean, logvar
+    return self.decoder(reparameterize(mean, logvar, eps)), mean, logvar
 
   def encode(self, x):
     return self.encoder(x)

@@ -104,20 +104,26 @@ def member_loss(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec
 def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec):
   """``((loss, aux), grads)`` of :func:`member_loss`, over micro-batches.
 
-  With ``spec.microbatch`` below the batch size, the batch is split into
-  micro-batches of that many images, each differentiated on its own in a
-  ``lax.scan`` that sums their gradients, so a micro-batch's activations stay
-  in cache (on CPU the whole batch's do not, and the step waits on memory).
+  With ``spec.microbatch`` below the batch size, the costliest layers run on
+  micro-batches of that many images in ``lax.scan``s that sum their gradients,
+  so their activations stay in cache (on CPU the whole batch's do not, and the
+  step waits on memory), while the small layers in the middle run once on the
+  whole batch, where their products are 4× taller and faster. In order:
+
+  1. whole batch, forward: the encoder's stem
+     (:func:`capvae.models.encoder_stem`), the rest of the encoder, the
+     sample and its KL, the decoder's head (:func:`capvae.models.decoder_head`);
+  2. micro-batches: the decoder's tail and the reconstruction, forward and
+     backward, down to the cotangent of the head's output;
+  3. whole batch, backward: the head, the sample and the KL, the encoder down
+     to the cotangent of the stem's output;
+  4. micro-batches: the stem's backward, recomputing its forward.
+
   The gradient is the full batch's, exactly up to float rounding: the
   objective is a function of per-example statistics, linear in the
   reconstructions, so its gradient is ``Σ_b ∂rec_b·g_rec_b + ∂kl_b·g_kl_b``
-  with weights ``g`` that a forward pass of the encoder over the whole batch
-  fixes (the KL penalty can depend on the batch mean KL). That pass also keeps
-  the encoder stem's output (:func:`capvae.models.encoder_stem`: up to the
-  costliest convolution), which the micro-batches then take as given in their
-  forward pass and differentiate by recomputing only its inputs, so the
-  stem's big product runs once. The noise is the same draw as the full
-  batch's.
+  with weights ``g`` that step 1 fixes (the KL penalty can depend on the batch
+  mean KL). The noise is the same draw as the full batch's.
   """
   b = x.shape[0]
   n = spec.microbatch or b
@@ -125,45 +131,67 @@ def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpe
     return jax.value_and_grad(member_loss, has_aux=True)(params, model, hparams, step, x,
                                                          key, spec)
   input_size = int(np.prod(x.shape[1:]))
-  encode = lambda p, x, **kw: model.encoder.apply({'params': p['params']['encoder']}, x, **kw)
-  k = models.encoder_stem(model)
+  def part(name):
+    """Applies the encoder or decoder, or layers ``start … stop − 1`` of it
+    (the MLPs take no ``start``/``stop``: for them both are 0 and None)."""
+    def apply(p, v, start=0, stop=None):
+      kw = dict(start=start) if start else {}
+      kw.update(dict(stop=stop) if stop is not None else {})
+      return getattr(model, name).apply({'params': p['params'][name]}, v, **kw)
+    return apply
+
+  encode, decode = part('encoder'), part('decoder')
+  k, j = models.encoder_stem(model), models.decoder_head(model)
+  split = lambda a: a.reshape(b // n, n, *a.shape[1:])
+  merge = lambda a: a.reshape(b, *a.shape[2:])
+  add = lambda *trees: jax.tree.map(lambda *a: sum(a[1:], a[0]), *trees)
+
+  # 1. Whole batch, forward.
   stem = encode(params, x, stop=k) if k else x
-  mean, logvar = encode(params, stem, start=k)
+  (mean, logvar), rest_vjp = jax.vjp(lambda p, s: encode(p, s, start=k), params, stem)
   eps = jax.random.normal(key, mean.shape, mean.dtype)
-  kl = losses.gaussian_kl(mean, logvar)
-  weights = jax.grad(
+  (z, kl), sample_vjp = jax.vjp(
+      lambda mean, logvar: (models.reparameterize(mean, logvar, eps),
+                            losses.gaussian_kl(mean, logvar)), mean, logvar)
+  if j:
+    head, head_vjp = jax.vjp(lambda p, z: decode(p, z, stop=j), params, z)
+  else:
+    head = z
+  w_rec, w_kl = jax.grad(
       lambda rec, kl: objective(spec, hparams, step, rec, kl, input_size)[0],
       argnums=(0, 1))(jnp.zeros((b,), kl.dtype), kl)
 
-  @jax.custom_vjp
-  def given_stem(p, xs, value):
-    """The stem's output on ``xs``, computed beforehand; differentiated as the stem."""
-    return value
+  # 2. Micro-batches: the decoder's tail and the reconstruction.
+  def tail_loss(p, h, xs, w):
+    rec = reconstruction(spec, decode(p, h, start=j), xs, hparams)
+    return jnp.sum(w * rec), rec
 
-  def given_stem_bwd(res, g):
-    p, xs = res
-    return jax.vjp(lambda p: encode(p, xs, stop=k), p)[1](g)[0], jnp.zeros_like(xs), g * 0
+  def tail(total, micro):
+    (_, rec), (grads, d_head) = jax.value_and_grad(tail_loss, (0, 1), has_aux=True)(
+        params, *micro)
+    return add(total, grads), (d_head, rec)
 
-  given_stem.defvjp(lambda p, xs, value: (value, (p, xs)), given_stem_bwd)
+  grads, (d_head, rec) = jax.lax.scan(tail, jax.tree.map(jnp.zeros_like, params),
+                                      (split(head), split(x), split(w_rec)))
 
-  def micro_loss(p, xs, stem, eps, w_rec, w_kl):
-    if k:
-      out, mean, logvar = model.apply(p, given_stem(p, xs, stem), eps, start=k,
-                                      method=model.with_noise)
-    else:
-      out, mean, logvar = model.apply(p, xs, eps, method=model.with_noise)
-    rec = reconstruction(spec, out, xs, hparams)
-    kl = losses.gaussian_kl(mean, logvar)
-    return jnp.sum(w_rec * rec) + jnp.sum(w_kl * kl), rec
+  # 3. Whole batch, backward.
+  d_head = merge(d_head)
+  if j:
+    g_head, dz = head_vjp(d_head)
+    grads = add(grads, g_head)
+  else:
+    dz = d_head
+  g_rest, d_stem = rest_vjp(sample_vjp((dz, w_kl)))
+  grads = add(grads, g_rest)
 
-  def body(total, micro):
-    grads, rec = jax.grad(micro_loss, has_aux=True)(params, *micro)
-    return jax.tree.map(jnp.add, total, grads), rec
+  # 4. Micro-batches: the stem's backward.
+  if k:
+    def stem_grads(total, micro):
+      xs, d = micro
+      return add(total, jax.vjp(lambda p: encode(p, xs, stop=k), params)[1](d)[0]), None
 
-  split = lambda a: a.reshape(b // n, n, *a.shape[1:])
-  micro = (split(x), split(stem), split(eps), split(weights[0]), split(weights[1]))
-  grads, rec = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), micro)
-  return objective(spec, hparams, step, rec.reshape(b), kl, input_size), grads
+    grads, _ = jax.lax.scan(stem_grads, grads, (split(x), split(d_stem)))
+  return objective(spec, hparams, step, merge(rec), kl, input_size), grads
 
 
 def batch_at(dataset: data.GroundTruthDataset, step, spec: StepSpec):

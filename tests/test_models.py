@@ -95,6 +95,23 @@ def test_encoder_in_two_parts_and_with_given_noise(name):
     np.testing.assert_allclose(out3, out, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('name', models.MODELS)
+def test_decoder_in_two_parts(name):
+  """The head (dense layers and the first transposed convolutions, before the
+  last one's ReLU) and the tail compose to the decoder, for every split."""
+  model, params, _ = _init(name, m=6)
+  z = jax.random.normal(jax.random.key(2), (3, 6))
+  out = model.apply(params, z, method=model.decode)
+  dec = lambda v, **kw: model.decoder.apply({'params': params['params']['decoder']}, v, **kw)
+  j = models.decoder_head(model)
+  assert j == (0 if name == 'mlp' else 2)
+  for stop in range(1, len(getattr(model.decoder, 'deconvs', ())) + 1):
+    head = dec(z, stop=stop)
+    assert head.ndim == 4 and head.shape[1] == 2 ** (stop + 2)  # 4×4, then doubled
+    assert float(jnp.min(head)) < 0  # before its ReLU
+    np.testing.assert_allclose(dec(head, start=stop), out, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_model_and_bad_shape():
   with pytest.raises(ValueError, match='allowed'):
     models.get('resnet', 10, (64, 64, 1))

@@ -147,7 +147,10 @@ def test_stacked_members_equal_separate_runs_and_a_manual_step(microbatch_size):
 
 OBJECTIVES = [dict(objective='capacity', capacity_penalty=p) for p in losses.CAPACITY_PENALTIES] + [
     dict(objective='beta', beta_norm=False), dict(objective='beta', beta_norm=True),
-    dict(objective='capacity', reconstruction='gaussian')]
+    dict(objective='capacity', reconstruction='gaussian'),
+    # The other models' splits (locatello's 64-channel layers; mlp has none).
+    dict(objective='capacity', capacity_penalty='abs', model='locatello'),
+    dict(objective='capacity', capacity_penalty='abs', model='mlp')]
 
 
 @pytest.mark.parametrize('settings', OBJECTIVES, ids=lambda d: '-'.join(map(str, d.values())))
@@ -161,7 +164,8 @@ def test_micro_batches_give_the_full_batch_gradient(settings):
   for k, v in settings.items():
     config[k] = v
   dataset = data.get('dsprites')
-  model = models.get('burgess', config.latent_size, dataset.observation_shape)
+  model = models.get(settings.get('model', 'burgess'), config.latent_size,
+                     dataset.observation_shape)
   whole = train.StepSpec.from_config(config)
   assert whole.microbatch == config.batch_size  # auto on CPU: no divisor of 12 in 8..16 below it
   spec = lambda n: train.StepSpec(**dict(vars(whole), microbatch=n))
