@@ -286,15 +286,21 @@ def _strip(rows):
                 key=lambda r: (r['member'], r['step']))
 
 
-def _close_to_single_device(members, states):
+def _close_to_single_device(members, states, steps=8, max_lr=1e-3):
   # Another device count is another XLA CPU client, which compiles the same
   # program with ~1-ulp differences (see README); placement within one
   # client is bitwise (the tests above). Adam divides by sqrt(v), so where a
-  # gradient is near zero those ulps can move a parameter by ~1e-5 in a few
-  # steps; atol leaves room for that, well below the learning rates (2e-4 to 1e-3).
+  # gradient is near zero and its sign flips under those ulps, the parameter
+  # moves up to a learning rate the other way each step. So: almost every
+  # element agrees to 1e-4, and none further than Adam's bound on the
+  # divergence (2 · steps · lr) allows.
   for i, member in enumerate(members):
     for x, y in zip(jax.tree.leaves(member.params), jax.tree.leaves(states.params)):
-      np.testing.assert_allclose(x, y[i], rtol=1e-4, atol=1e-4)
+      x, y = np.asarray(x), np.asarray(y[i])
+      assert x.shape == y.shape
+      off = ~np.isclose(x, y, rtol=1e-4, atol=1e-4)
+      assert off.mean() <= 1e-3, f'{off.sum()} of {off.size} elements differ'
+      np.testing.assert_array_less(np.abs(x - y), 2 * steps * max_lr)
 
 
 def test_eight_devices_give_the_single_device_result(sweep_run, tmp_path):
