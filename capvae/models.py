@@ -52,9 +52,10 @@ class ConvEncoder(nn.Module):
 
 
 def encoder_stem(model) -> int:
-  """How many leading encoder layers the micro-batched step runs once for the
-  whole batch (:func:`capvae.train.member_grads`): up to the conv encoders'
-  costliest layer, their second convolution; 0 for the others."""
+  """How many leading encoder convolutions form the stem, whose forward pass
+  the micro-batched step (:func:`capvae.train.member_grads`) runs on the whole
+  batch and whose backward pass it runs on micro-batches: up to the conv
+  encoders' costliest layer, their second convolution; 0 for the others."""
   convs = getattr(model.encoder, 'convs', ())
   return 2 if len(convs) > 2 else 0
 
