@@ -5,8 +5,9 @@ r"""beta-VAE over beta in {1, 2, 4, 6, 8, 16} × 3 seeds: 18 members in one prog
 Higgins et al. 2017 compare beta-VAEs on dSprites over such a grid (their
 Figure 7 uses beta up to 16 with the normalised form). Here the objective is
 the plain sum rec + beta·KL (set ``config.beta_norm = True`` for the
-normalised one). 18 members × 1,500 steps take about 25 minutes on 2 CPU cores
-(~0.055 s a member-step) and a few minutes on one GPU.
+normalised one). 18 members × 1,500 steps take about 25 minutes on 2 AVX-512
+CPU cores (~0.055 s a member-step; ~0.13 s, about an hour, on 2 AVX2 cores) and
+a few minutes on one GPU.
 """
 
 from capvae import config_lib

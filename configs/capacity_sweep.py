@@ -9,7 +9,7 @@ disentanglement_lib's AnnealedVAE study trains gamma = 1000 with C_max in
 Adam 1e-4, 50 seeds. Here: gamma in {100, 1000} × C_max in {5, 10, 25} × 2
 seeds = 12 members, trained together in one program on the procedural dSprites
 for 600 steps with C raised over the first 400 (about 7 minutes of training
-on 2 CPU cores, ~0.055 s a member-step). Nothing here is converged; what it shows is the capacity mechanism at
+on 2 AVX-512 CPU cores, ~0.055 s a member-step; about 15 on 2 AVX2 cores). Nothing here is converged; what it shows is the capacity mechanism at
 work across the grid: each member's KL tracks its own C, the larger gamma the
 closer, and reconstruction improves with C_max. Lengthen ``num_steps`` and
 ``c_anneal_steps`` (and add seeds) on a GPU.

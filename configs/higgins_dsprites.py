@@ -7,7 +7,8 @@ The MLP encoder (1200-1200 ReLU) and decoder (1200-1200-1200 tanh, Bernoulli
 logits), 10 latents, beta = 4 on the summed KL against the summed
 reconstruction (beta_norm = 4·10/4096 ≈ 0.0098 in the paper's normalised
 units). Adam 1e-4, batch 64, 300,000 steps (disentanglement_lib's length):
-about 7.5 hours on a 2-core CPU (~0.09 s a step). Expect a total KL of roughly
+about 7.5 hours on a 2-core AVX-512 CPU (~0.09 s a step; ~0.21 s, about
+17 hours, on 2 AVX2 cores). Expect a total KL of roughly
 15–25 nats with a few latents active and the rest near zero.
 """
 
