@@ -286,7 +286,7 @@ def _strip(rows):
                 key=lambda r: (r['member'], r['step']))
 
 
-def _close_to_single_device(members, states, steps=8, max_lr=1e-3):
+def _close_to_single_device(members, states, config):
   # Another device count is another XLA CPU client, which compiles the same
   # program with ~1-ulp differences (see README); placement within one
   # client is bitwise (the tests above). Adam divides by sqrt(v), so where a
@@ -294,17 +294,18 @@ def _close_to_single_device(members, states, steps=8, max_lr=1e-3):
   # moves up to a learning rate the other way each step. So: almost every
   # element agrees to 1e-4, and none further than Adam's bound on the
   # divergence (2 · steps · lr) allows.
+  bound = 2 * config.num_steps * max(config.sweep.zip.learning_rate)
   for i, member in enumerate(members):
     for x, y in zip(jax.tree.leaves(member.params), jax.tree.leaves(states.params)):
       x, y = np.asarray(x), np.asarray(y[i])
       assert x.shape == y.shape
       off = ~np.isclose(x, y, rtol=1e-4, atol=1e-4)
       assert off.mean() <= 1e-3, f'{off.sum()} of {off.size} elements differ'
-      np.testing.assert_array_less(np.abs(x - y), 2 * steps * max_lr)
+      np.testing.assert_array_less(np.abs(x - y), bound)
 
 
 def test_eight_devices_give_the_single_device_result(sweep_run, tmp_path):
-  _, _, states = sweep_run
+  _, config, states = sweep_run
   eight, one = str(tmp_path / 'eight'), str(tmp_path / 'one')
   log = _run_cli(eight, 8)
   assert 'of 8 rows over 8 device(s)' in log  # 3 members padded to 8 rows
@@ -314,7 +315,7 @@ def test_eight_devices_give_the_single_device_result(sweep_run, tmp_path):
   for a, b in zip(_members(eight), _members(one)):
     assert _leaves_equal(a, b)
   assert _strip(_rows(eight)) == _strip(_rows(one))
-  _close_to_single_device(_members(eight), states)
+  _close_to_single_device(_members(eight), states, config)
 
 
 def test_two_processes_give_the_single_process_result(sweep_run, tmp_path):
@@ -335,7 +336,7 @@ def test_two_processes_give_the_single_process_result(sweep_run, tmp_path):
   for a, b in zip(_members(two), _members(one)):
     assert _leaves_equal(a, b)
   assert _strip(_rows(two)) == _strip(_rows(one))
-  _close_to_single_device(_members(two), states)
+  _close_to_single_device(_members(two), states, config)
   # The 4-row checkpoint resumes here on one device (3 rows): same members.
   restored = train.train_and_evaluate(load_config('test_sweep'), two)
   for i, member in enumerate(_members(two)):
