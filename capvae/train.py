@@ -201,8 +201,18 @@ def batch_at(dataset: data.GroundTruthDataset, step, spec: StepSpec):
 
 
 def _all_finite(*trees) -> jax.Array:
+  """Whether every element of every leaf is finite, as one materialised flag.
+
+  The flag is the smallest of the per-leaf flags, taken by a sort: XLA turns
+  ``jnp.all`` of a stack of scalars into a chain of ``and``s, one per leaf,
+  and fuses a copy of the chain into every elementwise update that reads the
+  flag (burgess: ~60 leaves into ~90 fusions, which doubled the member step's
+  compile time, 11 s against 5.5 s on CPU). A sort is not fused, so the chain
+  is computed once.
+  """
   leaves = [l for t in trees for l in jax.tree.leaves(t)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves]))
+  flags = jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves]).astype(jnp.int32)
+  return jnp.sort(flags)[0] > 0
 
 
 # Arrays of the state with at least this many elements are updated in place
