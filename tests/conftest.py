@@ -5,8 +5,14 @@ import os
 import shutil
 import tempfile
 
-import jax
-import pytest
+# Set before jax is imported, so that this process's XLA client and the CLI
+# subprocesses that the tests start read it.
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_backend_optimization_level=0').strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 from capvae import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
