@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.capvae-installed
 WORKDIR ?= runs/default
 SWEEP_WORKDIR ?= runs/capacity_sweep
 EVAL_FLAGS ?=
+# pytest-xdist workers for make test (the suite's time is mostly single-threaded
+# XLA compiles); TEST_WORKERS=auto takes one per core, TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 
 .PHONY: install train sweep report bench bench-step test clean
 
@@ -42,9 +45,9 @@ bench: install
 bench-step: install
 	$(BIN)/python experiments/bench_train_step.py --loop_steps 600
 
-## test: the test suite.
+## test: the test suite, on $(TEST_WORKERS) pytest-xdist workers.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf runs .pytest_cache

@@ -15,15 +15,22 @@ def _kernels(tree, kind):
   return [tuple(tree[k]['kernel'].shape) for k in layers]
 
 
-def _init(name, m=10, shape=(64, 64, 1)):
+def _init(name, m=10, shape=(64, 64, 1), shapes_only=False):
+  """``(model, params, x)``; with ``shapes_only`` the parameters' shapes (``jax.eval_shape``)."""
   model = models.get(name, m, shape)
   x = jnp.zeros((2, *shape))
-  params = model.init(jax.random.key(0), x, jax.random.key(1))
+  init = (lambda f, *a: jax.eval_shape(f, *a)) if shapes_only else (lambda f, *a: jax.jit(f)(*a))
+  params = init(model.init, jax.random.key(0), x, jax.random.key(1))
   return model, params, x
 
 
+def _apply(model, method=None):
+  """``model.apply`` (of ``method``) compiled as one program, as the step runs it."""
+  return jax.jit(lambda *a, **kw: model.apply(*a, method=method, **kw))
+
+
 def test_burgess_layers():
-  _, params, _ = _init('burgess')
+  _, params, _ = _init('burgess', shapes_only=True)
   enc, dec = params['params']['encoder'], params['params']['decoder']
   assert _kernels(enc, 'Conv') == [(4, 4, 1, 32)] + [(4, 4, 32, 32)] * 3
   assert _kernels(enc, 'Dense') == [(512, 256), (256, 256), (256, 20)]
@@ -33,7 +40,7 @@ def test_burgess_layers():
 
 
 def test_locatello_layers():
-  _, params, _ = _init('locatello')
+  _, params, _ = _init('locatello', shapes_only=True)
   enc, dec = params['params']['encoder'], params['params']['decoder']
   assert _kernels(enc, 'Conv') == [(4, 4, 1, 32), (4, 4, 32, 32), (2, 2, 32, 64),
                                    (2, 2, 64, 64)]
@@ -45,7 +52,7 @@ def test_locatello_layers():
 
 
 def test_mlp_layers():
-  _, params, _ = _init('mlp')
+  _, params, _ = _init('mlp', shapes_only=True)
   enc, dec = params['params']['encoder'], params['params']['decoder']
   assert _kernels(enc, 'Dense') == [(4096, 1200), (1200, 1200), (1200, 20)]
   assert _kernels(dec, 'Dense') == [(10, 1200), (1200, 1200), (1200, 1200), (1200, 4096)]
@@ -56,15 +63,16 @@ def test_mlp_layers():
 def test_shapes_and_reparameterisation(name):
   model, params, _ = _init(name, m=6)
   x = (jax.random.uniform(jax.random.key(2), (3, 64, 64, 1)) > 0.5).astype(jnp.float32)
-  out, mean, logvar = model.apply(params, x, jax.random.key(3))
+  apply = _apply(model)
+  out, mean, logvar = apply(params, x, jax.random.key(3))
   assert out.shape == x.shape and mean.shape == (3, 6) and logvar.shape == (3, 6)
   # With the same key the sample, hence the output, is reproducible; with
   # another key it changes; decoding the mean directly gives the noiseless output.
-  out2, _, _ = model.apply(params, x, jax.random.key(3))
-  out3, _, _ = model.apply(params, x, jax.random.key(4))
+  out2, _, _ = apply(params, x, jax.random.key(3))
+  out3, _, _ = apply(params, x, jax.random.key(4))
   np.testing.assert_array_equal(out, out2)
   assert not np.allclose(out, out3)
-  mean2, logvar2 = model.apply(params, x, method=model.encode)
+  mean2, logvar2 = _apply(model, model.encode)(params, x)
   np.testing.assert_array_equal(mean, mean2)
   np.testing.assert_array_equal(logvar, logvar2)
 
@@ -74,8 +82,9 @@ def test_encoder_in_two_parts_and_with_given_noise(name):
   """The stem and the rest compose to the encoder; ``with_noise`` is ``__call__``'s draw."""
   model, params, _ = _init(name, m=6)
   x = (jax.random.uniform(jax.random.key(2), (3, 64, 64, 1)) > 0.5).astype(jnp.float32)
-  mean, logvar = model.apply(params, x, method=model.encode)
-  enc = lambda x, **kw: model.encoder.apply({'params': params['params']['encoder']}, x, **kw)
+  mean, logvar = _apply(model, model.encode)(params, x)
+  enc = jax.jit(lambda x, **kw: model.encoder.apply({'params': params['params']['encoder']}, x, **kw),
+                static_argnames=('start', 'stop'))
   k = models.encoder_stem(model)
   assert k == (0 if name == 'mlp' else 2)
   for stop in range(1, len(getattr(model.encoder, 'convs', ())) + 1):
@@ -85,12 +94,16 @@ def test_encoder_in_two_parts_and_with_given_noise(name):
     np.testing.assert_allclose(m2, mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(l2, logvar, rtol=1e-5, atol=1e-6)
   key = jax.random.key(5)
-  out, _, _ = model.apply(params, x, key)
+  out, _, _ = _apply(model)(params, x, key)
   eps = jax.random.normal(key, mean.shape)
-  out2, _, _ = model.apply(params, x, eps, method=model.with_noise)
-  np.testing.assert_array_equal(out, out2)
+  with_noise = jax.jit(lambda *a, **kw: model.apply(*a, method=model.with_noise, **kw),
+                       static_argnames='start')
+  out2, _, _ = with_noise(params, x, eps)
+  # Two programs, so float rounding may differ; another draw would move every pixel.
+  np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(with_noise(params, x, -eps)[0], out, rtol=1e-2, atol=1e-4)
   if k:  # from the stem, as the micro-batched step runs it
-    out3, m3, _ = model.apply(params, enc(x, stop=k), eps, start=k, method=model.with_noise)
+    out3, m3, _ = with_noise(params, enc(x, stop=k), eps, start=k)
     np.testing.assert_allclose(m3, mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out3, out, rtol=1e-4, atol=1e-4)
 
@@ -101,8 +114,9 @@ def test_decoder_in_two_parts(name):
   last one's ReLU) and the tail compose to the decoder, for every split."""
   model, params, _ = _init(name, m=6)
   z = jax.random.normal(jax.random.key(2), (3, 6))
-  out = model.apply(params, z, method=model.decode)
-  dec = lambda v, **kw: model.decoder.apply({'params': params['params']['decoder']}, v, **kw)
+  out = _apply(model, model.decode)(params, z)
+  dec = jax.jit(lambda v, **kw: model.decoder.apply({'params': params['params']['decoder']}, v, **kw),
+                static_argnames=('start', 'stop'))
   j = models.decoder_head(model)
   assert j == (0 if name == 'mlp' else 2)
   for stop in range(1, len(getattr(model.decoder, 'deconvs', ())) + 1):
@@ -145,20 +159,20 @@ from capvae import layers  # noqa: E402
 def test_matmul_convolutions_equal_flax(ref, fast, shape):
   kx, kp, kc = jax.random.split(jax.random.key(7), 3)
   x = jax.random.normal(kx, shape)
-  params = ref.init(kp, x)
+  params = jax.jit(ref.init)(kp, x)
   # Same parameter tree and the same initial values for the same key.
-  fast_params = fast.init(kp, x)
+  fast_params = jax.jit(fast.init)(kp, x)
   assert jax.tree.structure(fast_params) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(fast_params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
   # Random (non-zero) biases, and a loss with a non-trivial cotangent.
   params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(kc, p.shape), params)
-  y_ref, y_fast = ref.apply(params, x), fast.apply(params, x)
+  y_ref, y_fast = jax.jit(ref.apply)(params, x), jax.jit(fast.apply)(params, x)
   assert y_ref.shape == y_fast.shape
   np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
   loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)) * jnp.arange(y_ref.size).reshape(y_ref.shape) / y_ref.size)
-  g_ref = jax.grad(loss(ref), argnums=(0, 1))(params, x)
-  g_fast = jax.grad(loss(fast), argnums=(0, 1))(params, x)
+  g_ref = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(params, x)
+  g_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(params, x)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
 
@@ -184,7 +198,8 @@ def test_window_product_equals_valid_convolution(kernel_shape):
 
 def test_conv_models_keep_flax_parameter_names():
   model = models.get('burgess', 10, (64, 64, 1))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 1)), jax.random.key(1))
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 1)),
+                          jax.random.key(1))
   enc, dec = params['params']['encoder'], params['params']['decoder']
   assert [k for k in enc if k.startswith('Conv')] == [f'Conv_{i}' for i in range(4)]
   assert [k for k in dec if k.startswith('ConvTranspose')] == [f'ConvTranspose_{i}' for i in range(4)]

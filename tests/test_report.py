@@ -14,6 +14,9 @@ import pytest
 from capvae import evaluate, models, report, train
 from conftest import ROOT, load_config
 
+# Under pytest-xdist, on one worker: they share the module's sweep_dir fixture.
+pytestmark = pytest.mark.xdist_group('test_report')
+
 SCALE = 0.01  # 1% of disentanglement_lib's sample sizes: seconds, not minutes
 SIZES = dict(beta_vae_batch_size=8, factor_vae_batch_size=8)
 

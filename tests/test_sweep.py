@@ -14,6 +14,9 @@ from capvae import config_lib, sweep, train
 from capvae.errors import ConfigError
 from conftest import ROOT, load_config
 
+# Under pytest-xdist, on one worker: they share the module's sweep_run fixture.
+pytestmark = pytest.mark.xdist_group('test_sweep')
+
 
 def _leaves_equal(a, b):
   return all(np.array_equal(np.asarray(x), np.asarray(y))

@@ -24,6 +24,9 @@ from capvae.data import shapes3d
 from capvae.data import tfds_source
 from capvae.errors import ConfigError
 
+# Under pytest-xdist, on one worker: they share the module's data_dir fixture.
+pytestmark = pytest.mark.xdist_group('test_tfds')
+
 _NUM_IMAGES = 48
 # A reduced dSprites grid: shape, scale, orientation, posX, posY.
 _SPRITE_SIZES = (2, 2, 3, 2, 2)

@@ -122,8 +122,9 @@ def test_stacked_members_equal_separate_runs_and_a_manual_step(microbatch_size):
   both = init(sweep.stack(rows))
   singles = [init(sweep.stack([r])) for r in rows]
   manual = [jax.tree.map(lambda a: a[0], s) for s in singles]
+  batch_at = jax.jit(lambda d, step: train.batch_at(d, step, spec))
   for _ in range(3):
-    x = train.batch_at(dataset, both.step[0], spec)
+    x = batch_at(dataset, both.step[0])
     manual, manual_loss = zip(*[manual_step(m, x) for m in manual])
     both, metrics = step_fn(both, dataset)
     single_out = [step_fn(s, dataset) for s in singles]
@@ -169,11 +170,11 @@ def test_micro_batches_give_the_full_batch_gradient(settings):
   whole = train.StepSpec.from_config(config)
   assert whole.microbatch == config.batch_size  # auto on CPU: no divisor of 12 in 8..16 below it
   spec = lambda n: train.StepSpec(**dict(vars(whole), microbatch=n))
-  state = jax.tree.map(lambda a: a[0], train.init_states(
-      model, sweep.stack(sweep.members(config)), dataset.observation_shape, whole))
-  x = train.batch_at(dataset, 0, whole)
+  state = jax.tree.map(lambda a: a[0], jax.jit(lambda h: train.init_states(
+      model, h, dataset.observation_shape, whole))(sweep.stack(sweep.members(config))))
+  x = jax.jit(lambda d: train.batch_at(d, 0, whole))(dataset)
   key = jax.random.key(3)
-  _, mean, logvar = model.apply(state.params, x, key)
+  _, mean, logvar = jax.jit(model.apply)(state.params, x, key)
   kl = np.asarray(jnp.sum(losses.gaussian_kl(mean, logvar), -1), np.float64)
   micro_means = kl.reshape(3, 4).mean(1)
   c = 0.5 * (kl.mean() + micro_means.min())
