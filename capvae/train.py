@@ -28,6 +28,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -338,13 +339,19 @@ def _loop_members(member_step, states, x):
   """
   num = jax.tree.leaves(states)[0].shape[0]
   trips = num + jnp.minimum(states.step[0], 0)  # == num: steps are never negative
-  _, aux_shape = jax.eval_shape(member_step, jax.tree.map(lambda a: a[0], states), x)
+  # Traced once (the loop needs the shapes of its outputs before its body).
+  one = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+  closed, out_shape = jax.make_jaxpr(member_step, return_shape=True)(
+      jax.tree.map(one, states), jax.ShapeDtypeStruct(x.shape, x.dtype))
+  out_tree, aux_shape = jax.tree.structure(out_shape), out_shape[1]
+  traced_step = lambda *args: jax.tree.unflatten(
+      out_tree, jax.extend.core.jaxpr_as_fun(closed)(*jax.tree.leaves(args)))
   aux = jax.tree.map(lambda s: jnp.zeros((num, *s.shape), s.dtype), aux_shape)
 
   def body(i, carry):
     states, aux = carry
     state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), states)
-    new, out = jax.lax.optimization_barrier(member_step(*jax.lax.optimization_barrier((state, x))))
+    new, out = jax.lax.optimization_barrier(traced_step(*jax.lax.optimization_barrier((state, x))))
     put = lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0)
     return jax.tree.map(put, states, new), jax.tree.map(put, aux, out)
 
