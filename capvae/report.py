@@ -21,6 +21,7 @@ missing or older than the latest checkpoint):
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -245,22 +246,28 @@ def _to_pixels(reconstruction: str, out):
   return jnp.clip(out, 0.0, 1.0)
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'reconstruction'))
+def _decoded(params, x, order, *, model, reconstruction):
+  """``(traversals [L·V, ...], reconstructions of x)`` in one program: the
+  traversals set latent ``order[l]`` of x[0]'s code to each of the V values."""
+  mean, _ = model.apply(params, x, method=models.VAE.encode)
+  recon = _to_pixels(reconstruction, model.apply(params, mean, method=models.VAE.decode))
+  values = jnp.asarray(TRAVERSAL_VALUES, jnp.float32)
+  rows = order.shape[0] * values.shape[0]
+  codes = jnp.tile(mean[0], (rows, 1)).at[jnp.arange(rows), jnp.repeat(order, values.shape[0])].set(
+      jnp.tile(values, order.shape[0]))
+  return _to_pixels(reconstruction, model.apply(params, codes, method=models.VAE.decode)), recon
+
+
 def model_images(run: 'evaluate.RunMembers', member: int, order, seed: int = 0,
                  num_recons: int = 8):
   """``(traversals [L, V, ...], inputs [n, ...], reconstructions [n, ...])`` of one member."""
   params = jax.tree.map(lambda a: a[member], run.states.params)
-  model, dataset = run.model, run.dataset
   key = jax.random.fold_in(jax.random.key(seed), 2)
-  x = evaluate.draw_images(dataset, key, num_recons, seed)
-  mean, _ = model.apply(params, x, method=models.VAE.encode)
-  recon = _to_pixels(run.config.reconstruction,
-                     model.apply(params, mean, method=models.VAE.decode))
-  values = jnp.asarray(TRAVERSAL_VALUES, jnp.float32)
-  base = mean[0]
-  codes = jnp.stack([base.at[j].set(v) for j in order for v in values])
-  pics = _to_pixels(run.config.reconstruction,
-                    model.apply(params, codes, method=models.VAE.decode))
-  pics = np.asarray(pics).reshape(len(order), len(values), *pics.shape[1:])
+  x = evaluate.draw_images(run.dataset, key, num_recons, seed)
+  pics, recon = _decoded(params, x, jnp.asarray(order, jnp.int32), model=run.model,
+                         reconstruction=run.config.reconstruction)
+  pics = np.asarray(pics).reshape(len(order), len(TRAVERSAL_VALUES), *pics.shape[1:])
   return pics, np.asarray(x), np.asarray(recon)
 
 

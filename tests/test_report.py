@@ -93,6 +93,25 @@ def test_heldout_kl_matches_a_direct_computation(sweep_dir):
     assert rec[m] > 0 and rec_mean[m] > 0
 
 
+def test_traversals_decode_the_first_code_with_one_latent_set(sweep_dir):
+  run = evaluate.RunMembers(sweep_dir)
+  order = [2, 0, 3]
+  pics, x, recon = report.model_images(run, 1, order, seed=4, num_recons=3)
+  assert pics.shape == (3, len(report.TRAVERSAL_VALUES), *x.shape[1:]) and recon.shape == x.shape
+  params = jax.tree.map(lambda a: a[1], run.states.params)
+  apply = jax.jit(lambda p, v, method: run.model.apply(p, v, method=method), static_argnums=2)
+  mean = np.asarray(apply(params, x, models.VAE.encode)[0])
+  sigmoid = lambda v: 1 / (1 + np.exp(-np.asarray(v, np.float64)))  # bernoulli logits
+  np.testing.assert_allclose(recon, sigmoid(apply(params, mean, models.VAE.decode)), atol=1e-5)
+  for row, j in enumerate(order):
+    for col, v in enumerate(report.TRAVERSAL_VALUES):
+      code = mean[:1].copy()
+      code[0, j] = v
+      np.testing.assert_allclose(pics[row, col], sigmoid(apply(params, code, models.VAE.decode))[0],
+                                 atol=1e-5)
+  assert not np.allclose(pics[0, 0], pics[0, -1], atol=1e-3)  # the traversal moves the image
+
+
 def test_latent_factors_picks_the_factor_of_largest_mi():
   mi = np.array([[0.1, 2.0, 0.0], [1.0, 0.2, 0.1], [0.01, 0.0, 0.02]])
   out = evaluate.latent_factors(np.array([0.5, 3.0, 0.01]), mi, (2, 10, 4),
