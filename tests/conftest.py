@@ -14,10 +14,9 @@ import tempfile
 # contract forbids (tests/test_sweep.py fails). Set before jax is imported, so
 # that this process's XLA client and the CLI subprocesses that the tests start
 # read it; a flag already in XLA_FLAGS is left as it is.
-_TEST_XLA_FLAGS = {'xla_backend_optimization_level': '0'}
-for _name, _value in _TEST_XLA_FLAGS.items():
-  if _name not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --{_name}={_value}".strip()
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_backend_optimization_level=0').strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

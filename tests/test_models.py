@@ -24,9 +24,9 @@ def _init(name, m=10, shape=(64, 64, 1), shapes_only=False):
   return model, params, x
 
 
-def _apply(model, method=None):
+def _apply(model, method=None, static=()):
   """``model.apply`` (of ``method``) compiled as one program, as the step runs it."""
-  return jax.jit(lambda *a, **kw: model.apply(*a, method=method, **kw))
+  return jax.jit(lambda *a, **kw: model.apply(*a, method=method, **kw), static_argnames=static)
 
 
 def test_burgess_layers():
@@ -96,8 +96,7 @@ def test_encoder_in_two_parts_and_with_given_noise(name):
   key = jax.random.key(5)
   out, _, _ = _apply(model)(params, x, key)
   eps = jax.random.normal(key, mean.shape)
-  with_noise = jax.jit(lambda *a, **kw: model.apply(*a, method=model.with_noise, **kw),
-                       static_argnames='start')
+  with_noise = _apply(model, model.with_noise, static='start')
   out2, _, _ = with_noise(params, x, eps)
   # Two programs, so float rounding may differ; another draw would move every pixel.
   np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-5)

@@ -30,6 +30,11 @@ def sweep_dir(tmp_path_factory):
   return workdir
 
 
+def _apply(run, method):
+  """The run's ``model.apply`` of ``method``, compiled once for all its members."""
+  return jax.jit(lambda p, v: run.model.apply(p, v, method=method))
+
+
 def _eval(workdir):
   with open(os.path.join(workdir, evaluate.EVAL_FILE)) as f:
     return json.load(f)
@@ -65,7 +70,7 @@ def test_grid_codes_equal_each_members_own_encoder(sweep_dir):
   factors = np.stack([rng.integers(0, s, 150) for s in run.dataset.factor_sizes], 1)
   factors = np.concatenate([factors, factors[:20]])  # repeats are served from the cache
   x = jax.jit(run.dataset.render)(factors)
-  encode = jax.jit(lambda p, x: run.model.apply(p, x, method=models.VAE.encode))
+  encode = _apply(run, models.VAE.encode)
   for m in range(run.num_members):
     _, model, state, _ = train.load_member(sweep_dir, m)
     assert model == run.model
@@ -79,7 +84,7 @@ def test_heldout_kl_matches_a_direct_computation(sweep_dir):
   kl, rec, rec_mean = evaluate.heldout_stats(run, num_images=40, seed=3, batch=20)
   base = jax.random.fold_in(jax.random.key(3), 1)
   images = jax.jit(lambda key: run.dataset.render(run.dataset.sample_factors(key, 20)))
-  encode = jax.jit(lambda p, x: run.model.apply(p, x, method=models.VAE.encode))
+  encode = _apply(run, models.VAE.encode)
   for m in range(run.num_members):
     _, model, state, _ = train.load_member(sweep_dir, m)
     assert model == run.model
@@ -99,15 +104,15 @@ def test_traversals_decode_the_first_code_with_one_latent_set(sweep_dir):
   pics, x, recon = report.model_images(run, 1, order, seed=4, num_recons=3)
   assert pics.shape == (3, len(report.TRAVERSAL_VALUES), *x.shape[1:]) and recon.shape == x.shape
   params = jax.tree.map(lambda a: a[1], run.states.params)
-  apply = jax.jit(lambda p, v, method: run.model.apply(p, v, method=method), static_argnums=2)
-  mean = np.asarray(apply(params, x, models.VAE.encode)[0])
+  decode = _apply(run, models.VAE.decode)
+  mean = np.asarray(_apply(run, models.VAE.encode)(params, x)[0])
   sigmoid = lambda v: 1 / (1 + np.exp(-np.asarray(v, np.float64)))  # bernoulli logits
-  np.testing.assert_allclose(recon, sigmoid(apply(params, mean, models.VAE.decode)), atol=1e-5)
+  np.testing.assert_allclose(recon, sigmoid(decode(params, mean)), atol=1e-5)
   for row, j in enumerate(order):
     for col, v in enumerate(report.TRAVERSAL_VALUES):
       code = mean[:1].copy()
       code[0, j] = v
-      np.testing.assert_allclose(pics[row, col], sigmoid(apply(params, code, models.VAE.decode))[0],
+      np.testing.assert_allclose(pics[row, col], sigmoid(decode(params, code))[0],
                                  atol=1e-5)
   assert not np.allclose(pics[0, 0], pics[0, -1], atol=1e-3)  # the traversal moves the image
 
