@@ -167,13 +167,18 @@ def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpe
     rec = reconstruction(spec, decode(p, h, start=j), xs, hparams)
     return jnp.sum(w * rec), rec
 
-  def tail(total, micro):
-    (_, rec), (grads, d_head) = jax.value_and_grad(tail_loss, (0, 1), has_aux=True)(
-        params, *micro)
-    return add(total, grads), (d_head, rec)
+  # Micro-batch i's cotangent is written over its own rows of the head, which
+  # the scan has just read: a stacked output would be a fresh zeroed buffer.
+  def tail(carry, micro):
+    total, d_head, i = carry
+    (_, rec), (grads, d) = jax.value_and_grad(tail_loss, (0, 1), has_aux=True)(
+        params, jax.lax.dynamic_index_in_dim(d_head, i, 0, False), *micro)
+    d_head = jax.lax.dynamic_update_index_in_dim(d_head, d, i, 0)
+    return (add(total, grads), d_head, i + 1), rec
 
-  grads, (d_head, rec) = jax.lax.scan(tail, jax.tree.map(jnp.zeros_like, params),
-                                      (split(head), split(x), split(w_rec)))
+  (grads, d_head, _), rec = jax.lax.scan(
+      tail, (jax.tree.map(jnp.zeros_like, params), split(head), jnp.int32(0)),
+      (split(x), split(w_rec)))
 
   # 3. Whole batch, backward.
   d_head = merge(d_head)
