@@ -65,6 +65,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  train.keep_freed_memory()  # before JAX starts its threads
   if FLAGS.coordinator_address:
     if FLAGS.num_processes is None or FLAGS.process_id is None:
       print('capvae: error: --coordinator_address needs --num_processes and'

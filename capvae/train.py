@@ -669,17 +669,25 @@ def _flag_frozen(rows, warned: set[int]) -> None:
 def keep_freed_memory() -> bool:
   """Makes glibc keep freed buffers for reuse instead of handing them back.
 
-  XLA's CPU client allocates a step's temporaries with ``malloc``. glibc serves
-  large blocks with fresh ``mmap`` s, and trims its heap, until its adaptive
-  threshold has grown past them, so for the first hundred or so steps of a
-  process every step faults its pages in again (measured: 80–130 ms instead
-  of ~55 for a Burgess step on 2 cores). Fixing the thresholds at the largest
-  value glibc allows removes that warm-up. Returns whether it applied (glibc).
+  XLA's CPU client allocates each execution's temporaries as one block with
+  ``malloc`` and frees it at the end (a Burgess step at batch 64: 37 MB; mlp
+  more). glibc serves a block above its mmap threshold, which cannot be set
+  above 32 MiB, with a fresh ``mmap`` and returns it with ``munmap`` when it is
+  freed, so every step faulted all of its pages in again: 9,100 minor faults
+  and ~35 ms of system time a Burgess step on 2 cores, 21,500 and ~80 ms an mlp
+  step. Below the threshold, its adaptive threshold and heap trimming did the
+  same for the first hundred or so steps of a process. So: no ``mmap`` for
+  allocations (every block comes from the heap), one arena (a thread's own
+  arena is itself mapped, in heaps of at most 64 MiB, and unmapped when it
+  empties), and no trimming of the heap below 1 GiB free. Once the heap has
+  grown to the program's working size (a few steps), a step faults no page
+  in. Best called before JAX starts its threads (``capvae.main`` does): arenas
+  made before stay in use. Returns whether it applied (glibc only).
   """
   try:
     libc = ctypes.CDLL('libc.so.6')
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_arena_max, 1) and
                 libc.mallopt(m_trim_threshold, 1 << 30))
   except (OSError, AttributeError):  # not glibc
     return False
