@@ -35,7 +35,9 @@ members run by ``'auto'``), and prints one row:
   and prints each round's ``%mm`` and ratio, and their medians;
 * ``--loop_steps N``: the whole training loop (``train.train_and_evaluate``:
   logging, checkpoints: ``python -m capvae.main`` in a process of its own) for
-  N steps, against the program alone.
+  N steps, against the program alone timed right after; ``--loop_rounds``
+  pairs of them (each round resumes the last one's checkpoint), and the
+  median of their gaps.
 
 ``--profile`` adds, for each model, timings of pieces of one member's step
 (encoder and decoder forward, forward and backward, the optimizer update,
@@ -155,8 +157,10 @@ def param_count(params, leading: int = 0) -> int:
   return sum(math.prod(p.shape[leading:]) for p in jax.tree.leaves(params))
 
 
-def bench_capvae(model_name: str, batch: int, warmup: int, steps: int) -> dict[str, Any]:
-  """Times the training program of ``make train`` for one model."""
+def bench_capvae(model_name: str, batch: int, warmup: int, steps: int,
+                 extras: bool = True) -> dict[str, Any]:
+  """Times the training program of ``make train`` for one model (and, with
+  ``extras``, the render, the member step and its products alone)."""
   config = default_config(model_name, batch)
   spec = train.StepSpec.from_config(config)
   dataset = data.get(config.dataset, config.dataset_path, config.dataset_split)
@@ -182,6 +186,8 @@ def bench_capvae(model_name: str, batch: int, warmup: int, steps: int) -> dict[s
   loss = np.asarray(box['metrics']['loss'])[:len(rows)]
   if not np.all(np.isfinite(loss)):
     raise FloatingPointError(f'{model_name}: non-finite loss {loss}.')
+  if not extras:
+    return dict(model=model_name, seconds=seconds, compile_s=compile_s, one_step=one_step)
 
   # Rendering the batch alone, as the step does it.
   render = jax.jit(lambda ds, s: train.batch_at(ds, s, spec))
@@ -297,37 +303,76 @@ def products_program(dots) -> Callable[[], Any]:
   return lambda: compiled(operands)
 
 
-def bench_loop(model_name: str, batch: int, num_steps: int) -> dict[str, Any]:
-  """Trains ``configs/default.py`` for ``num_steps`` with the real loop (``make train``).
+def _run(args: list[str], env: dict[str, str]) -> str:
+  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+  return subprocess.run([sys.executable, *args], cwd=root, env=env, check=True,
+                        capture_output=True, text=True).stdout
 
-  ``python -m capvae.main`` in a process of its own (as ``make train`` runs
-  it; PyTorch loaded in this one has slowed XLA's steps here) with a
-  temporary workdir: the step, logging every ``log_every`` steps,
-  checkpoints every ``checkpoint_every`` and at the end. Returns its rate
-  over the logged intervals after the first (which holds the compilation),
-  as ms/step.
+
+def bench_loop(model_name: str, batch: int, num_steps: int, rounds: int) -> dict[str, Any]:
+  """The real loop (``make train``) against the bare program, in ``rounds`` pairs.
+
+  Each round runs, in processes of their own and in alternating order:
+
+  * the loop: ``python -m capvae.main`` on ``configs/default.py``, as ``make
+    train`` runs it, to step ``r · num_steps`` in one temporary workdir (round
+    ``r`` resumes round ``r − 1``'s checkpoint), logging every ``log_every``
+    steps and checkpointing every ``num_steps / 2`` (more often than ``make
+    train``). Its rate is taken over the round's logged intervals after its
+    first, which holds the start, the restore and the compilation;
+  * the bare program: this script with ``--bare_steps``, the same compiled
+    step called back to back ``LOOP_PAIR_STEPS`` times, with no logging or
+    checkpoints.
+
+  Both are fresh processes (a long-lived one, and one that has loaded PyTorch,
+  ran XLA's steps at other speeds here), sharing a compilation cache. The
+  machine's speed drifts by more than the gap within minutes, so each round's
+  ratio is a pair taken within a minute, and the result is their median.
   """
   config = default_config(model_name, batch)
-  root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-  workdir = tempfile.mkdtemp(prefix='capvae_bench_loop_')
-  try:
+  tmp = tempfile.mkdtemp(prefix='capvae_bench_loop_')
+  workdir = os.path.join(tmp, 'run')
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(tmp, 'xla-cache'))
+  every = max(num_steps // 2, 1)
+  pairs, walls = [], []
+
+  def loop(r):
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, '-m', 'capvae.main', '--config', 'configs/default.py',
-                    f'--config.model={model_name}', f'--config.batch_size={batch}',
-                    f'--config.num_steps={num_steps}', '--workdir', workdir],
-                   cwd=root, check=True, capture_output=True)
-    wall = time.perf_counter() - t0
+    _run(['-m', 'capvae.main', '--config', 'configs/default.py',
+          f'--config.model={model_name}', f'--config.batch_size={batch}',
+          f'--config.num_steps={r * num_steps}', f'--config.checkpoint_every={every}',
+          '--workdir', workdir], env)
+    walls.append(time.perf_counter() - t0)
     with open(os.path.join(workdir, train.METRICS_FILE)) as f:
       rows = [json.loads(line) for line in f]
+    rows = [row for row in rows if row['step'] > (r - 1) * num_steps]
+    steps = [row['step'] for row in rows]
+    # Interval k ends at logged step steps[k]: (steps[k] - steps[k-1]) steps at rate k.
+    spans = [(b - a, row['steps_per_sec']) for a, b, row in zip(steps, steps[1:], rows[1:])]
+    return sum(n / rate for n, rate in spans) / sum(n for n, _ in spans), sum(n for n, _ in spans)
+
+  def bare():
+    out = _run([os.path.abspath(__file__), '--models', model_name, '--batch', str(batch),
+                '--bare_steps', str(LOOP_PAIR_STEPS)], env)
+    return float(out.split()[-1]) / 1e3
+
+  try:
+    for r in range(1, rounds + 1):
+      if r % 2:
+        (loop_s, timed), bare_s = loop(r), bare()
+      else:
+        bare_s, (loop_s, timed) = bare(), loop(r)
+      pairs.append((loop_s, bare_s, timed))
   finally:
-    shutil.rmtree(workdir, ignore_errors=True)
-  steps = [r['step'] for r in rows]
-  # Interval k ends at logged step steps[k]: (steps[k] - steps[k-1]) steps at rate k.
-  spans = [(b - a, r['steps_per_sec']) for a, b, r in zip(steps, steps[1:], rows[1:])]
-  seconds = sum(n / rate for n, rate in spans)
-  return dict(seconds=seconds / sum(n for n, _ in spans), steps=sum(n for n, _ in spans),
-              wall=wall, checkpoints=num_steps // config.checkpoint_every,
-              log_every=config.log_every)
+    shutil.rmtree(tmp, ignore_errors=True)
+  return dict(pairs=pairs, walls=walls, log_every=config.log_every, checkpoint_every=every,
+              gap=statistics.median(a / b - 1 for a, b, _ in pairs))
+
+
+def bare_program(model_name: str, batch: int, steps: int) -> float:
+  """ms/step of ``make train``'s compiled program called back to back (``--bare_steps``)."""
+  res = bench_capvae(model_name, batch, warmup=3, steps=3, extras=False)
+  return back_to_back_seconds(res['one_step'], steps) * 1e3
 
 
 # --------------------------------------------------------------------------
@@ -643,13 +688,34 @@ def main(argv=None):
                            ' matmul and (with torch) the PyTorch step, and give each'
                            ' round\'s %%mm and ratio (the machine\'s speed drifts)')
   parser.add_argument('--loop_steps', type=int, default=0,
-                      help='also train configs/default.py this many steps with the real'
-                           ' loop (logging, checkpoints) and compare its rate with the'
-                           ' program\'s')
+                      help='also train configs/default.py with the real loop (logging,'
+                           ' checkpoints), this many steps a round, and compare its rate'
+                           ' with the program\'s timed right after each round')
+  parser.add_argument('--loop_rounds', type=int, default=3,
+                      help='rounds of --loop_steps (each resumes the last one)')
+  parser.add_argument('--bare_steps', type=int, default=0,
+                      help='only time the program of the first of --models this many steps'
+                           ' back to back and print its ms/step (what --loop_steps runs'
+                           ' in a process of its own)')
   parser.add_argument('--profile', action='store_true',
                       help='also time pieces of each model\'s step')
   args = parser.parse_args(argv)
+  # As capvae.main does, before JAX or torch start threads (torch allocates
+  # with malloc too).
+  kept = train.keep_freed_memory()
   names = [m.strip() for m in args.models.split(',') if m.strip()]
+  log_every = int(default_config(models.MODELS[0], args.batch).log_every)
+  if args.loop_steps and (args.loop_steps < 2 * log_every or args.loop_steps % log_every):
+    parser.error(f'--loop_steps: 0 or a multiple of the loop\'s log_every ({log_every}) of at'
+                 f' least {2 * log_every} (a round is timed from its first log), got'
+                 f' {args.loop_steps}.')
+  if args.loop_rounds < 1:
+    parser.error(f'--loop_rounds: at least 1, got {args.loop_rounds}.')
+  if args.bare_steps < 0:
+    parser.error(f'--bare_steps: 0 (off) or more, got {args.bare_steps}.')
+  if args.bare_steps:
+    print(f'bare ms/step {bare_program(names[0], args.batch, args.bare_steps):.3f}')
+    return 0
   for name in names:
     if name not in models.MODELS:
       parser.error(f'--models: {name!r} is unknown; allowed: {list(models.MODELS)}.')
@@ -664,8 +730,6 @@ def main(argv=None):
   if torch is not None:
     torch.set_num_threads(cpus)
   dev = jax.devices()[0]
-  # As train_and_evaluate does (for both steps: torch allocates with malloc too).
-  kept = train.keep_freed_memory()
   print(f'# bench_train_step: batch {args.batch}, median of {args.steps} steps after'
         f' {args.warmup} warm-up; malloc keeps freed memory: {"yes" if kept else "no"}')
   print(f'# jax {jax.__version__}, torch'
@@ -737,17 +801,16 @@ def main(argv=None):
     print(line, flush=True)
   if args.loop_steps:
     for r in results:
-      loop = bench_loop(r['model'], args.batch, args.loop_steps)
-      # The program again right after, back to back: the machine's speed drifts
-      # by more than the gap measured.
-      after = back_to_back_seconds(r['one_step'], LOOP_PAIR_STEPS)
-      print(f'# loop {r["model"]}: python -m capvae.main, {args.loop_steps} steps (logs every'
-            f' {loop["log_every"]}, {loop["checkpoints"]} checkpoint(s), {loop["wall"]:.1f} s'
-            f' wall with compilation): {loop["seconds"] * 1e3:.1f} ms/step over the'
-            f' {loop["steps"]} steps after the first log; the program right after,'
-            f' {LOOP_PAIR_STEPS} steps back to back: {after * 1e3:.1f} ms/step, gap'
-            f' {100 * (loop["seconds"] / after - 1):+.1f}% (against the median above:'
-            f' {100 * (loop["seconds"] / r["seconds"] - 1):+.1f}%)', flush=True)
+      loop = bench_loop(r['model'], args.batch, args.loop_steps, args.loop_rounds)
+      rounds = ', '.join(f'{a * 1e3:.1f} vs {b * 1e3:.1f} ({100 * (a / b - 1):+.1f}%)'
+                         for a, b, _ in loop['pairs'])
+      print(f'# loop {r["model"]}: {len(loop["pairs"])} rounds, each of python -m capvae.main'
+            f' ({args.loop_steps} steps, resuming the last round; logs every'
+            f' {loop["log_every"]}, a checkpoint every {loop["checkpoint_every"]};'
+            f' {loop["pairs"][0][2]} steps timed after the first log;'
+            f' {" ".join(f"{w:.0f}" for w in loop["walls"])} s wall) and the bare program'
+            f' ({LOOP_PAIR_STEPS} steps back to back), each in a process of its own:'
+            f' ms/step loop vs bare {rounds}; median gap {100 * loop["gap"]:+.1f}%', flush=True)
   print(f'# load average at the end: {load_average()}')
 
   if args.profile:
