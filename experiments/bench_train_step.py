@@ -39,6 +39,11 @@ members run by ``'auto'``), and prints one row:
   pairs of them (each round resumes the last one's checkpoint), and the
   median of their gaps.
 
+``--trace N`` (default 10) profiles N steps of each program with JAX's
+profiler and prints the time of every executed HLO op by kind (products, data
+movement, reductions, elementwise) and the costliest ops with the model layer
+each comes from.
+
 ``--profile`` adds, for each model, timings of pieces of one member's step
 (encoder and decoder forward, forward and backward, the optimizer update,
 alternative convolution formulations), each jitted at the top level on a fixed
@@ -187,7 +192,8 @@ def bench_capvae(model_name: str, batch: int, warmup: int, steps: int,
   if not np.all(np.isfinite(loss)):
     raise FloatingPointError(f'{model_name}: non-finite loss {loss}.')
   if not extras:
-    return dict(model=model_name, seconds=seconds, compile_s=compile_s, one_step=one_step)
+    return dict(model=model_name, seconds=seconds, compile_s=compile_s, one_step=one_step,
+                compiled=compiled)
 
   # Rendering the batch alone, as the step does it.
   render = jax.jit(lambda ds, s: train.batch_at(ds, s, spec))
@@ -216,6 +222,7 @@ def bench_capvae(model_name: str, batch: int, warmup: int, steps: int,
               products_s=products_s, products_flops=sum(d[-1] for d in dots),
               render_s=render_s, nodata_s=nodata_s, num_params=num_params,
               loop=train.resolve_member_loop(config.member_loop), config=config,
+              compiled=compiled,
               spec=spec, dataset=dataset, flax_model=model, render=render_c,
               state=mbox['state'], x=x)
 
@@ -518,6 +525,71 @@ def bench_torch(res: dict[str, Any], warmup: int, steps: int, pool_size: int = 8
 # --------------------------------------------------------------------------
 
 
+_MOVES = ('transpose', 'pad', 'slice', 'concatenate', 'stack', 'dynamic_slice',
+          'dynamic_update_slice', 'broadcast', 'broadcast_in_dim', 'copy', 'reshape',
+          'gather', 'scatter')
+
+
+def _op_kind(hlo_name: str, op_name: str) -> str:
+  """What an executed HLO op does: its JAX primitive (``op_name``'s last part),
+  else its HLO name."""
+  prim = op_name.rsplit('/', 1)[-1] if op_name else ''
+  if prim == 'dot_general' or (not prim and hlo_name.startswith('dot')):
+    return 'products'
+  if prim.startswith('reduce') or prim in ('argmax', 'argmin', 'sort'):
+    return 'reductions'
+  if prim in _MOVES or (not prim and hlo_name.startswith(
+      ('wrapped_broadcast', 'wrapped_copy', 'copy', 'wrapped_pad', 'wrapped_slice',
+       'wrapped_dynamic', 'concatenate', 'bitcast'))):
+    return 'data movement'
+  return 'elementwise and other'
+
+
+def trace_step(res: dict[str, Any], steps: int, top: int = 15):
+  """Times every HLO op of the program over ``steps`` steps with JAX's profiler.
+
+  Returns ``(ms a step by kind, [(ms a step, calls a step, HLO op, JAX op), …] for
+  the ``top`` costliest ops, ms a step in all)``. The ops run one after another
+  (each on the two cores), so their times add up to the step's, less the gaps.
+  """
+  from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
+  meta = {m.group(1): m.group(2).replace('jit(local_step)/', '').replace('while/body/', '')
+          for m in re.finditer(r'^\s*%(\S+) = .*?op_name="([^"]*)"',
+                               res['compiled'].as_text(), re.M)}
+  f = res['one_step']
+  for _ in range(3):
+    jax.block_until_ready(f())
+  tmp = tempfile.mkdtemp(prefix='capvae_bench_trace_')
+  try:
+    jax.profiler.start_trace(tmp)
+    for _ in range(steps):
+      jax.block_until_ready(f())
+    jax.profiler.stop_trace()
+    path = next(os.path.join(d, n) for d, _, names in os.walk(tmp) for n in names
+                if n.endswith('.xplane.pb'))
+    data = ProfileData.from_file(path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  per_op: dict[str, list[float]] = {}
+  containers = ('ThunkExecutor', 'SlinkyThreadPool', 'while', 'conditional', 'call')
+  for plane in data.planes:
+    for line in plane.lines:
+      if not line.name.startswith('tf_XLA'):  # the threads that run the program's ops
+        continue
+      for ev in line.events:
+        if not ev.name.startswith(containers):
+          acc = per_op.setdefault(ev.name, [0.0, 0])
+          acc[0] += ev.duration_ns / 1e6 / steps
+          acc[1] += 1 / steps
+  kinds: dict[str, float] = {}
+  for name, (ms, _) in per_op.items():
+    kind = _op_kind(name, meta.get(name, ''))
+    kinds[kind] = kinds.get(kind, 0.0) + ms
+  rows = sorted(((ms, n, name, meta.get(name, '?')) for name, (ms, n) in per_op.items()),
+                reverse=True)[:top]
+  return kinds, rows, sum(ms for ms, _ in per_op.values())
+
+
 def profile(res: dict[str, Any], warmup: int, steps: int) -> list[tuple[str, float, float]]:
   """``(piece, seconds, flops)`` for pieces of one member's step (top level, fixed x).
 
@@ -699,6 +771,9 @@ def main(argv=None):
                            ' in a process of its own)')
   parser.add_argument('--profile', action='store_true',
                       help='also time pieces of each model\'s step')
+  parser.add_argument('--trace', type=int, default=10,
+                      help='profile this many steps of each model\'s program with JAX\'s'
+                           ' profiler and print where the time goes, op by op (0: off)')
   args = parser.parse_args(argv)
   # As capvae.main does, before JAX or torch start threads (torch allocates
   # with malloc too).
@@ -811,6 +886,15 @@ def main(argv=None):
             f' {" ".join(f"{w:.0f}" for w in loop["walls"])} s wall) and the bare program'
             f' ({LOOP_PAIR_STEPS} steps back to back), each in a process of its own:'
             f' ms/step loop vs bare {rounds}; median gap {100 * loop["gap"]:+.1f}%', flush=True)
+  if args.trace:
+    for r in results:
+      kinds, rows, total = trace_step(r, args.trace)
+      print(f'# where the time goes, {r["model"]} (JAX profiler, {args.trace} steps; ms a step,'
+            f' ops summed: {total:.1f}): ' + ', '.join(
+                f'{k} {v:.1f} ({100 * v / total:.0f}%)'
+                for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+      for ms, n, name, op in rows:
+        print(f'#   {ms:6.2f} ms  {n:4.0f}x  {name:<34} {op[:90]}')
   print(f'# load average at the end: {load_average()}')
 
   if args.profile:
