@@ -549,8 +549,10 @@ def trace_step(res: dict[str, Any], steps: int, top: int = 15):
   """Times every HLO op of the program over ``steps`` steps with JAX's profiler.
 
   Returns ``(ms a step by kind, [(ms a step, calls a step, HLO op, JAX op), …] for
-  the ``top`` costliest ops, ms a step in all)``. The ops run one after another
-  (each on the two cores), so their times add up to the step's, less the gaps.
+  the ``top`` costliest ops, ms a step summed over the ops)``. The conv models'
+  ops run one at a time (each on both cores), so their sum is about the step's
+  time; independent ops may also run side by side on the two threads (mlp), and
+  then the sum exceeds it.
   """
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
   meta = {m.group(1): m.group(2).replace('jit(local_step)/', '').replace('while/body/', '')
@@ -889,8 +891,8 @@ def main(argv=None):
   if args.trace:
     for r in results:
       kinds, rows, total = trace_step(r, args.trace)
-      print(f'# where the time goes, {r["model"]} (JAX profiler, {args.trace} steps; ms a step,'
-            f' ops summed: {total:.1f}): ' + ', '.join(
+      print(f'# where the time goes, {r["model"]} (JAX profiler, {args.trace} steps; ms a step'
+            f' summed over the ops, {total:.1f} in all): ' + ', '.join(
                 f'{k} {v:.1f} ({100 * v / total:.0f}%)'
                 for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
       for ms, n, name, op in rows:
