@@ -35,9 +35,9 @@ members run by ``'auto'``), and prints one row:
   and prints each round's ``%mm`` and ratio, and their medians;
 * ``--loop_steps N``: the whole training loop (``train.train_and_evaluate``:
   logging, checkpoints: ``python -m capvae.main`` in a process of its own) for
-  N steps, against the program alone timed right after; ``--loop_rounds``
-  pairs of them (each round resumes the last one's checkpoint), and the
-  median of their gaps.
+  N steps, against the program alone (``--bare_steps``), each in a fresh
+  process: ``--loop_rounds`` pairs of them, in alternating order (each round
+  of the loop resumes the last one's checkpoint), and the median of their gaps.
 
 ``--trace N`` (default 10) profiles N steps of each program with JAX's
 profiler and prints the time of every executed HLO op by kind (products, data
