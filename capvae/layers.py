@@ -107,6 +107,28 @@ def _shift_sum_adjoint(d, kh: int, kw: int):
                           for a, b in _taps(kh, kw)], -1)
 
 
+# A weight gradient is a product over every pixel of the batch, ``a.T·b`` with
+# ``a [N, p]``, ``b [N, q]``: it contracts the major axis of both operands, which
+# XLA's CPU backend runs with Eigen. For the thin layers (an output ``p × q`` with
+# ``min(p, q)`` at most this; the first convolution and the last transposed one)
+# Eigen's product is several times slower than the same product handed to
+# YNNPACK, which wants the contraction on the minor axis of the left operand. So
+# there the narrow gradient ``dy`` is transposed first (a cheap copy of a few
+# channels) and the product computed the other way round, ``(dy.T·a).T``; the wide
+# layers keep Eigen, for which the transposes would cost more than they save.
+THIN_WEIGHT_GRADIENT = 32
+
+
+def _channels_first(d):
+  """``[B, H, W, F]`` → ``[F, B, H, W]``, materialised: XLA may not fold it into the product."""
+  return jax.lax.optimization_barrier(d.transpose(3, 0, 1, 2))
+
+
+def _transposed(y):
+  """``y.T`` of a product's result; the barrier stops XLA from folding it back in."""
+  return jax.lax.optimization_barrier(y).T
+
+
 def _multiply_first(kernel) -> bool:
   """Multiply first when its intermediate (``kh·kw·C_out`` wide) is the narrower one."""
   return kernel.shape[3] <= kernel.shape[2]
@@ -137,10 +159,20 @@ def _conv_valid_bwd(res, dy):
     dtaps = _shift_sum_adjoint(dy, kh, kw)  # [B, H, W, kh·kw·F]
     flat = kernel.transpose(2, 0, 1, 3).reshape(c, kh * kw * f)
     dx = jnp.dot(dtaps, flat.T)
-    dflat = jnp.dot(x.reshape(-1, c).T, dtaps.reshape(-1, kh * kw * f))
-    return dx, dflat.reshape(c, kh, kw, f).transpose(1, 2, 0, 3)
+    if min(c, kh * kw * f) > THIN_WEIGHT_GRADIENT:
+      dflat = jnp.dot(x.reshape(-1, c).T, dtaps.reshape(-1, kh * kw * f))
+      return dx, dflat.reshape(c, kh, kw, f).transpose(1, 2, 0, 3)
+    # dflat = (dtaps.T·x).T, with dtaps.T built channels first from dy.T.
+    dy_t = _channels_first(dy)  # [F, B, H', W']
+    dtaps_t = jnp.concatenate([jnp.pad(dy_t, ((0, 0), (0, 0), (a, kh - 1 - a), (b, kw - 1 - b)))
+                               for a, b in _taps(kh, kw)], 0)  # [(a, b, F), B, H, W]
+    dflat_t = jnp.dot(dtaps_t.reshape(kh * kw * f, -1), x.reshape(-1, c))  # [(a, b, F), C]
+    return dx, _transposed(dflat_t).reshape(c, kh, kw, f).transpose(1, 2, 0, 3)
   patches = _gather(x, kh, kw)
-  dk = jnp.dot(patches.reshape(-1, kh * kw * c).T, dy.reshape(-1, f))
+  if min(kh * kw * c, f) > THIN_WEIGHT_GRADIENT:
+    dk = jnp.dot(patches.reshape(-1, kh * kw * c).T, dy.reshape(-1, f))
+  else:  # dk = (dy.T·patches).T
+    dk = _transposed(jnp.dot(_channels_first(dy).reshape(f, -1), patches.reshape(-1, kh * kw * c)))
   dx = _gather_adjoint(jnp.dot(dy, kernel.reshape(kh * kw * c, f).T), kh, kw)
   return dx, dk.reshape(kh, kw, c, f)
 

@@ -34,8 +34,15 @@ Aux = dict[str, Array]
 
 
 def _sum_per_example(x: Array) -> Array:
-  """Sums every axis but the leading (batch) one."""
-  return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+  """Sums every axis but the leading (batch) one.
+
+  Written as a product with a vector of ones: XLA's CPU backend runs a sum
+  over an image's pixels as a reduction that is several times slower than
+  the same sum as a matrix-vector product (0.75 against ~0.1 ms for 16
+  images of 64×64 in the train step).
+  """
+  flat = x.reshape(x.shape[0], -1)
+  return jnp.dot(flat, jnp.ones((flat.shape[1],), x.dtype))
 
 
 # --------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The three architectures have the layers the papers describe."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,6 +195,22 @@ def test_window_product_equals_valid_convolution(kernel_shape):
            for f in (layers.conv_valid, ref)]
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize('kernel_shape, thin', [((2, 2, 4, 32), True), ((2, 2, 32, 4), True),
+                                                ((2, 2, 128, 32), False)])
+def test_thin_weight_gradients_contract_the_left_operands_minor_axis(kernel_shape, thin):
+  # The first convolution's and the last transposed convolution's weight
+  # gradients (gather first and multiply first) are computed as (dy.T·a).T, so
+  # that no product of the compiled gradient contracts the major axis of its
+  # left operand, the form XLA's CPU backend runs slowly; the wide layers keep it.
+  x = jnp.zeros((2, 9, 9, kernel_shape[2]))
+  kernel = jnp.zeros(kernel_shape)
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(layers.conv_valid(x, k))), argnums=(0, 1)))
+  hlo = grad.lower(x, kernel).compile().as_text()
+  dots = re.findall(r' dot\(.*?lhs_contracting_dims=\{(\d)\}', hlo)
+  assert dots, 'no product in the compiled gradient'
+  assert ('0' not in dots) == thin, dots
 
 
 def test_conv_models_keep_flax_parameter_names():
