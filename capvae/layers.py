@@ -33,8 +33,10 @@ costs time around them is moving data (slices, concatenations, transposes),
 so the formulation keeps every intermediate at most ``4·max(C_in, C_out)``
 channels wide. The gradients are written out (``jax.custom_vjp``) because,
 differentiated automatically, XLA fuses the slices and shifted sums into the
-products' operands and runs them several times slower. The test suite checks
-outputs and gradients against the Flax modules with the same weights.
+products' operands and runs them several times slower. The thin layers'
+weight gradients are computed transposed (see ``THIN_WEIGHT_GRADIENT``). The
+test suite checks outputs and gradients against the Flax modules with the same
+weights.
 """
 
 from __future__ import annotations
