@@ -61,8 +61,8 @@ def get_config():
   config.batch_size = 64
   # Images per micro-batch: each step sums the gradients of batch_size /
   # microbatch_size micro-batches, the same gradient up to float rounding
-  # (capvae.train.member_grads). 0: chosen for the platform (16 for the conv
-  # models on CPU, where it keeps activations in cache; else the whole batch).
+  # (capvae.train.member_grads), with fewer activations live at a time. 0: the
+  # whole batch, which is the faster step on the CPUs and batches measured.
   config.microbatch_size = 0
   config.num_steps = 2000
   config.seed = 0

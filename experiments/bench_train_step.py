@@ -847,7 +847,9 @@ def main(argv=None):
   print(f'# members run by {results[0]["loop"] if results else "-"};'
         ' compile s: ' + ', '.join(f'{r["model"]} {r["compile_s"]:.1f}' for r in results))
   for r in results:
-    print(f'# {r["model"]}: micro-batches of {r["spec"].microbatch}; the member step\'s products'
+    micro = (f'micro-batches of {r["spec"].microbatch}' if r['spec'].microbatch < r['spec'].batch_size
+             else 'the whole batch at once')
+    print(f'# {r["model"]}: {micro}; the member step\'s products'
           f' execute {r["products_flops"] / 1e9:.2f} GFLOP (the model: {r["model_flops"] / 1e9:.2f})'
           f' and alone run at {r["products_flops"] / r["products_s"] / 1e9:.1f} GFLOP/s')
   for r in results:
