@@ -131,11 +131,6 @@ def _transposed(y):
   return jax.lax.optimization_barrier(y).T
 
 
-def _t2(a):
-  b = jax.lax.optimization_barrier
-  return b(b(a).T)
-
-
 def _multiply_first(kernel) -> bool:
   """Multiply first when its intermediate (``kh·kw·C_out`` wide) is the narrower one."""
   return kernel.shape[3] <= kernel.shape[2]
@@ -167,14 +162,7 @@ def _conv_valid_bwd(res, dy):
     flat = kernel.transpose(2, 0, 1, 3).reshape(c, kh * kw * f)
     dx = jnp.dot(dtaps, flat.T)
     if min(c, kh * kw * f) > THIN_WEIGHT_GRADIENT:
-      import os
-      w = os.environ.get('WIDE', '')
-      if w == 'a':
-        dflat = jnp.dot(_t2(x.reshape(-1, c)), dtaps.reshape(-1, kh * kw * f))
-      elif w == 'b':
-        dflat = _transposed(jnp.dot(_t2(dtaps.reshape(-1, kh * kw * f)), x.reshape(-1, c)))
-      else:
-        dflat = jnp.dot(x.reshape(-1, c).T, dtaps.reshape(-1, kh * kw * f))
+      dflat = jnp.dot(x.reshape(-1, c).T, dtaps.reshape(-1, kh * kw * f))
       return dx, dflat.reshape(c, kh, kw, f).transpose(1, 2, 0, 3)
     # dflat = (dtaps.T·x).T, with dtaps.T built channels first from dy.T.
     dy_t = _channels_first(dy)  # [F, B, H', W']
@@ -184,14 +172,7 @@ def _conv_valid_bwd(res, dy):
     return dx, _transposed(dflat_t).reshape(c, kh, kw, f).transpose(1, 2, 0, 3)
   patches = _gather(x, kh, kw)
   if min(kh * kw * c, f) > THIN_WEIGHT_GRADIENT:
-    import os
-    w = os.environ.get('WIDE', '')
-    if w == 'a':
-      dk = jnp.dot(_t2(patches.reshape(-1, kh * kw * c)), dy.reshape(-1, f))
-    elif w == 'b':
-      dk = _transposed(jnp.dot(_t2(dy.reshape(-1, f)), patches.reshape(-1, kh * kw * c)))
-    else:
-      dk = jnp.dot(patches.reshape(-1, kh * kw * c).T, dy.reshape(-1, f))
+    dk = jnp.dot(patches.reshape(-1, kh * kw * c).T, dy.reshape(-1, f))
   else:  # dk = (dy.T·patches).T
     dk = _transposed(jnp.dot(_channels_first(dy).reshape(f, -1), patches.reshape(-1, kh * kw * c)))
   dx = _gather_adjoint(jnp.dot(dy, kernel.reshape(kh * kw * c, f).T), kh, kw)
