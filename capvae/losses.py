@@ -37,9 +37,9 @@ def _sum_per_example(x: Array) -> Array:
   """Sums every axis but the leading (batch) one.
 
   Written as a product with a vector of ones: XLA's CPU backend runs a sum
-  over an image's pixels as a reduction that is several times slower than
-  the same sum as a matrix-vector product (0.75 against ~0.1 ms for 16
-  images of 64×64 in the train step).
+  over an image's pixels as a YNNPACK reduction that took 0.75 ms for 16
+  images of 64×64 in the train step (standalone 0.71 ms, against 0.15–0.32
+  for the product); with the product, burgess's step takes 0.96× the time.
   """
   flat = x.reshape(x.shape[0], -1)
   return jnp.dot(flat, jnp.ones((flat.shape[1],), x.dtype))
