@@ -101,10 +101,17 @@ def _shift_sum(y, kh: int, kw: int):
   return sum(parts[1:], parts[0])
 
 
-def _shift_sum_adjoint(d, kh: int, kw: int):
-  """The transpose of :func:`_shift_sum`: ``d`` placed at every tap's shift, stacked."""
+def _shift_sum_adjoint(d, kh: int, kw: int, channels_first: bool = False):
+  """The transpose of :func:`_shift_sum`: ``d`` placed at every tap's shift, stacked.
+
+  ``[B, H, W, F]`` → ``[B, H + kh − 1, W + kw − 1, kh·kw·F]``; with
+  ``channels_first``, ``[F, B, H, W]`` → ``[kh·kw·F, B, H + kh − 1, W + kw − 1]``.
+  """
   if (kh, kw) == (1, 1):
     return d
+  if channels_first:
+    return jnp.concatenate([jnp.pad(d, ((0, 0), (0, 0), (a, kh - 1 - a), (b, kw - 1 - b)))
+                            for a, b in _taps(kh, kw)], 0)
   return jnp.concatenate([jnp.pad(d, ((0, 0), (a, kh - 1 - a), (b, kw - 1 - b), (0, 0)))
                           for a, b in _taps(kh, kw)], -1)
 
@@ -165,9 +172,7 @@ def _conv_valid_bwd(res, dy):
       dflat = jnp.dot(x.reshape(-1, c).T, dtaps.reshape(-1, kh * kw * f))
       return dx, dflat.reshape(c, kh, kw, f).transpose(1, 2, 0, 3)
     # dflat = (dtaps.T·x).T, with dtaps.T built channels first from dy.T.
-    dy_t = _channels_first(dy)  # [F, B, H', W']
-    dtaps_t = jnp.concatenate([jnp.pad(dy_t, ((0, 0), (0, 0), (a, kh - 1 - a), (b, kw - 1 - b)))
-                               for a, b in _taps(kh, kw)], 0)  # [(a, b, F), B, H, W]
+    dtaps_t = _shift_sum_adjoint(_channels_first(dy), kh, kw, channels_first=True)
     dflat_t = jnp.dot(dtaps_t.reshape(kh * kw * f, -1), x.reshape(-1, c))  # [(a, b, F), C]
     return dx, _transposed(dflat_t).reshape(c, kh, kw, f).transpose(1, 2, 0, 3)
   patches = _gather(x, kh, kw)
