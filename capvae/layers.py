@@ -33,8 +33,8 @@ costs time around them is moving data (slices, concatenations, transposes),
 so the formulation keeps every intermediate at most ``4·max(C_in, C_out)``
 channels wide. The gradients are written out (``jax.custom_vjp``) because,
 differentiated automatically, XLA fuses the slices and shifted sums into the
-products' operands and runs them several times slower. The thin layers'
-weight gradients are computed transposed (see ``THIN_WEIGHT_GRADIENT``). The
+products' operands and runs them several times slower. The weight gradients
+are computed with one operand channels first (see :func:`_channels_first`). The
 test suite checks outputs and gradients against the Flax modules with the same
 weights.
 """
@@ -117,20 +117,26 @@ def _shift_sum_adjoint(d, kh: int, kw: int, channels_first: bool = False):
 
 
 # A weight gradient is a product over every pixel of the batch, ``a.T·b`` with
-# ``a [N, p]``, ``b [N, q]``: it contracts the major axis of both operands, which
-# XLA's CPU backend runs with Eigen. For the thin layers (an output ``p × q`` with
-# ``min(p, q)`` at most this; the first convolution and the last transposed one)
-# Eigen's product is several times slower than the same product handed to
-# YNNPACK, which wants the contraction on the minor axis of the left operand. So
-# there the narrow gradient ``dy`` is transposed first (a cheap copy of a few
-# channels) and the product computed the other way round, ``(dy.T·a).T``; the wide
-# layers keep Eigen, for which the transposes would cost more than they save.
-THIN_WEIGHT_GRADIENT = 32
+# ``a [N, p]``, ``b [N, q]``. Written that way it contracts the major axis of its
+# left operand, which XLA's CPU backend runs with Eigen, asynchronously and
+# several times slower than the same product handed to YNNPACK, which takes
+# only products that contract the left operand's minor axis. So the backward
+# pass builds one operand of each weight gradient channels first (``a.T``,
+# ``[p, N]``), from whichever array is narrow before the taps are gathered or
+# stacked: the input when gathering first, the output's gradient when
+# multiplying first. The transposes are materialised behind optimisation
+# barriers, or XLA folds them back into the products.
 
 
 def _channels_first(d):
   """``[B, H, W, F]`` → ``[F, B, H, W]``, materialised: XLA may not fold it into the product."""
   return jax.lax.optimization_barrier(d.transpose(3, 0, 1, 2))
+
+
+def _from_channels_first(d):
+  """``[F, B, H, W]`` → ``[B, H, W, F]``: ``d`` (a product) is materialised channels first,
+  and the transpose is left to its consumers, whose copies XLA fuses it into."""
+  return jax.lax.optimization_barrier(d).transpose(1, 2, 3, 0)
 
 
 def _transposed(y):
@@ -160,26 +166,23 @@ def _conv_valid_fwd(x, kernel):
 
 
 def _conv_valid_bwd(res, dy):
-  """Both gradients share one intermediate: ``_shift_sum_adjoint(dy)`` when
-  multiplying first, the gathered input when gathering first."""
+  """Both gradients share one intermediate, built channels first when multiplying
+  first (``_shift_sum_adjoint(dy.T)``, and ``dx`` comes out channels first too);
+  the gathered input is built channels first, from ``x.T``, when gathering first."""
   x, kernel = res
   kh, kw, c, f = kernel.shape
   if _multiply_first(kernel):
-    dtaps = _shift_sum_adjoint(dy, kh, kw)  # [B, H, W, kh·kw·F]
-    flat = kernel.transpose(2, 0, 1, 3).reshape(c, kh * kw * f)
-    dx = jnp.dot(dtaps, flat.T)
-    if min(c, kh * kw * f) > THIN_WEIGHT_GRADIENT:
-      dflat = jnp.dot(x.reshape(-1, c).T, dtaps.reshape(-1, kh * kw * f))
-      return dx, dflat.reshape(c, kh, kw, f).transpose(1, 2, 0, 3)
-    # dflat = (dtaps.T·x).T, with dtaps.T built channels first from dy.T.
     dtaps_t = _shift_sum_adjoint(_channels_first(dy), kh, kw, channels_first=True)
-    dflat_t = jnp.dot(dtaps_t.reshape(kh * kw * f, -1), x.reshape(-1, c))  # [(a, b, F), C]
+    shape = dtaps_t.shape[1:]  # [B, H, W] of x
+    dtaps_t = dtaps_t.reshape(kh * kw * f, -1)  # [(a, b, F), B·H·W]
+    flat = kernel.transpose(2, 0, 1, 3).reshape(c, kh * kw * f)
+    dx = _from_channels_first(jnp.dot(flat, dtaps_t).reshape(c, *shape))
+    dflat_t = jnp.dot(dtaps_t, x.reshape(-1, c))  # [(a, b, F), C]
     return dx, _transposed(dflat_t).reshape(c, kh, kw, f).transpose(1, 2, 0, 3)
-  patches = _gather(x, kh, kw)
-  if min(kh * kw * c, f) > THIN_WEIGHT_GRADIENT:
-    dk = jnp.dot(patches.reshape(-1, kh * kw * c).T, dy.reshape(-1, f))
-  else:  # dk = (dy.T·patches).T
-    dk = _transposed(jnp.dot(_channels_first(dy).reshape(f, -1), patches.reshape(-1, kh * kw * c)))
+  x_t = _channels_first(x)  # [C, B, H, W]
+  oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  patches_t = jnp.concatenate([x_t[:, :, a:a + oh, b:b + ow] for a, b in _taps(kh, kw)], 0)
+  dk = jnp.dot(patches_t.reshape(kh * kw * c, -1), dy.reshape(-1, f))  # [(a, b, C), F]
   dx = _gather_adjoint(jnp.dot(dy, kernel.reshape(kh * kw * c, f).T), kh, kw)
   return dx, dk.reshape(kh, kw, c, f)
 
