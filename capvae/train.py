@@ -297,11 +297,12 @@ def resolve_microbatch(config) -> int:
   whole batch.
 
   Micro-batches trade bigger products and one pass over the stem for
-  activations that stay in cache. On the 2-core AVX2 machine the benchmark runs
-  on, the whole batch is faster for every model and batch measured (burgess at
-  64 images: 0.84–0.94× the step with micro-batches of 16; at 256: 0.87×;
-  locatello at 64: 0.87×), so they are only a way to bound the activations'
-  memory.
+  activations that stay in cache. On a 2-core AVX2 machine the whole batch was
+  faster for every model and batch measured (burgess at 64 images: 0.84–0.94×
+  the step with micro-batches of 16; at 256: 0.87×; locatello at 64: 0.87×);
+  on a 2-core AVX-512 machine micro-batches of 16 were slightly faster for the
+  conv models (burgess at 64: 0.92–1.0×, at 256: 0.93×). The default is the
+  whole batch everywhere; micro-batches bound the activations' memory.
   """
   return int(config.get('microbatch_size', 0)) or int(config.batch_size)
 
