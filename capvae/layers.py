@@ -34,8 +34,9 @@ so the formulation keeps every intermediate at most ``4·max(C_in, C_out)``
 channels wide. The gradients are written out (``jax.custom_vjp``) because,
 differentiated automatically, XLA fuses the slices and shifted sums into the
 products' operands and runs them several times slower. The weight gradients
-are computed with one operand channels first (see :func:`_channels_first`). The
-test suite checks outputs and gradients against the Flax modules with the same
+are computed with one operand channels first (see :func:`_channels_first`);
+:class:`Dense` is ``nn.Dense`` with its weight gradient written the same way.
+The test suite checks outputs and gradients against the Flax modules with the same
 weights.
 """
 
@@ -237,6 +238,40 @@ def conv_transpose2d(x, kernel):
   k = k.transpose(0, 2, 4, 1, 3, 5).reshape(2, 2, cin, 4 * cout)
   y = _depth_to_space(conv_valid(xp, k))  # [B, 2H + 2, 2W + 2, F]
   return y[:, 1:2 * h + 1, 1:2 * w + 1, :]
+
+
+@jax.custom_vjp
+def dense(x, kernel):
+  """``x·kernel`` for ``x [N, C]``, ``kernel [C, F]``, with the weight gradient as
+  ``x.T·dy`` built from a materialised ``x.T`` (autodiff contracts ``x``'s
+  major axis, which XLA's CPU backend leaves to Eigen)."""
+  return jnp.dot(x, kernel)
+
+
+def _dense_fwd(x, kernel):
+  return dense(x, kernel), (x, kernel)
+
+
+def _dense_bwd(res, dy):
+  x, kernel = res
+  return jnp.dot(dy, kernel.T), jnp.dot(jax.lax.optimization_barrier(x.T), dy)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+class Dense(nn.Module):
+  """``nn.Dense(features)`` on ``[N, C]`` inputs: the same parameters (names, shapes,
+  initialisers) and function, with the weight gradient of :func:`dense`."""
+  features: int
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+    return dense(x, kernel) + bias
 
 
 class Conv(nn.Module):

@@ -46,8 +46,8 @@ class ConvEncoder(nn.Module):
       x = nn.relu(x)
     x = x.reshape(x.shape[0], -1)
     for width in self.dense:
-      x = nn.relu(nn.Dense(width)(x))
-    out = nn.Dense(2 * self.latent_size)(x)
+      x = nn.relu(layers.Dense(width)(x))
+    out = layers.Dense(2 * self.latent_size)(x)
     return out[:, :self.latent_size], out[:, self.latent_size:]
 
 
@@ -94,8 +94,8 @@ class ConvDecoder(nn.Module):
       base_h, base_w = h // 16, w // 16
       x = z
       for width in self.dense:
-        x = nn.relu(nn.Dense(width)(x))
-      x = nn.relu(nn.Dense(base_h * base_w * self.base_features)(x))
+        x = nn.relu(layers.Dense(width)(x))
+      x = nn.relu(layers.Dense(base_h * base_w * self.base_features)(x))
       x = x.reshape(z.shape[0], base_h, base_w, self.base_features)
     last = len(features) if stop is None else stop
     for i in range(start, last):
@@ -130,8 +130,8 @@ class MLPEncoder(nn.Module):
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
-    out = nn.Dense(2 * self.latent_size)(x)
+      x = nn.relu(layers.Dense(width)(x))
+    out = layers.Dense(2 * self.latent_size)(x)
     return out[:, :self.latent_size], out[:, self.latent_size:]
 
 
@@ -144,8 +144,8 @@ class MLPDecoder(nn.Module):
   def __call__(self, z):
     x = z
     for width in self.hidden:
-      x = nn.tanh(nn.Dense(width)(x))
-    x = nn.Dense(math.prod(self.image_shape))(x)
+      x = nn.tanh(layers.Dense(width)(x))
+    x = layers.Dense(math.prod(self.image_shape))(x)
     return x.reshape(z.shape[0], *self.image_shape)
 
 

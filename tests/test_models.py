@@ -213,6 +213,28 @@ def test_weight_gradients_contract_the_left_operands_minor_axis(kernel_shape):
   assert '0' not in dots, dots
 
 
+def test_dense_is_flax_dense_with_the_same_parameters_and_gradients():
+  kx, kp, kc = jax.random.split(jax.random.key(5), 3)
+  x = jax.random.normal(kx, (6, 40))
+  ours, ref = layers.Dense(24), nn.Dense(24)
+  params = ours.init(kp, x)
+  ref_params = ref.init(kp, x)  # the same names, shapes and initial values: checkpoints carry over
+  assert jax.tree.structure(params) == jax.tree.structure(ref_params)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_array_equal(a, b)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(kc, p.shape), params)  # a non-zero bias
+  ct = jax.random.normal(kc, (6, 24))
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * ct), argnums=(0, 1))(params, x)
+           for m in (ours, ref)]
+  for a, b in zip(*(jax.tree.leaves(g) for g in grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(jax.grad(lambda k, x: jnp.sum(jnp.sin(layers.dense(x, k))), argnums=(0, 1))).lower(
+      params['params']['kernel'], x).compile().as_text()
+  dots = re.findall(r' dot\(.*?lhs_contracting_dims=\{(\d)\}', hlo)
+  assert len(dots) >= 2 and '0' not in dots, dots  # the weight gradient as x.T·dy, x.T materialised
+
+
 def test_conv_models_keep_flax_parameter_names():
   model = models.get('burgess', 10, (64, 64, 1))
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 1)),
