@@ -269,6 +269,8 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    if x.ndim != 2:
+      raise ValueError(f'Dense takes [N, C] inputs, got shape {tuple(x.shape)}; flatten first.')
     kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
     return dense(x, kernel) + bias

@@ -233,6 +233,8 @@ def test_dense_is_flax_dense_with_the_same_parameters_and_gradients():
       params['params']['kernel'], x).compile().as_text()
   dots = re.findall(r' dot\(.*?lhs_contracting_dims=\{(\d)\}', hlo)
   assert len(dots) >= 2 and '0' not in dots, dots  # the weight gradient as x.T·dy, x.T materialised
+  with pytest.raises(ValueError, match=r'\[N, C\]'):
+    ours.init(kp, jnp.zeros((2, 3, 40)))  # x.T of a 3-D input would be the wrong gradient
 
 
 def test_conv_models_keep_flax_parameter_names():
