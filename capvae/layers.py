@@ -74,10 +74,16 @@ def _taps(kh: int, kw: int):
   return [(a, b) for a in range(kh) for b in range(kw)]
 
 
-def _gather(x, kh: int, kw: int):
-  """``[B, H, W, C]`` → ``[B, H−kh+1, W−kw+1, kh·kw·C]``: the shifted inputs, ``(a, b, c)`` order."""
+def _gather(x, kh: int, kw: int, channels_first: bool = False):
+  """``[B, H, W, C]`` → ``[B, H−kh+1, W−kw+1, kh·kw·C]``: the shifted inputs, ``(a, b, c)`` order.
+
+  With ``channels_first``, ``[C, B, H, W]`` → ``[kh·kw·C, B, H−kh+1, W−kw+1]``.
+  """
   if (kh, kw) == (1, 1):
     return x
+  if channels_first:
+    oh, ow = x.shape[2] - kh + 1, x.shape[3] - kw + 1
+    return jnp.concatenate([x[:, :, a:a + oh, b:b + ow] for a, b in _taps(kh, kw)], 0)
   oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
   return jnp.concatenate([x[:, a:a + oh, b:b + ow, :] for a, b in _taps(kh, kw)], -1)
 
@@ -130,8 +136,9 @@ def _shift_sum_adjoint(d, kh: int, kw: int, channels_first: bool = False):
 
 
 def _channels_first(d):
-  """``[B, H, W, F]`` → ``[F, B, H, W]``, materialised: XLA may not fold it into the product."""
-  return jax.lax.optimization_barrier(d.transpose(3, 0, 1, 2))
+  """The last axis first (``[B, H, W, F]`` → ``[F, B, H, W]``; ``[N, C]`` → ``[C, N]``),
+  materialised: XLA may not fold it into the product."""
+  return jax.lax.optimization_barrier(jnp.moveaxis(d, -1, 0))
 
 
 def _from_channels_first(d):
@@ -180,9 +187,7 @@ def _conv_valid_bwd(res, dy):
     dx = _from_channels_first(jnp.dot(flat, dtaps_t).reshape(c, *shape))
     dflat_t = jnp.dot(dtaps_t, x.reshape(-1, c))  # [(a, b, F), C]
     return dx, _transposed(dflat_t).reshape(c, kh, kw, f).transpose(1, 2, 0, 3)
-  x_t = _channels_first(x)  # [C, B, H, W]
-  oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  patches_t = jnp.concatenate([x_t[:, :, a:a + oh, b:b + ow] for a, b in _taps(kh, kw)], 0)
+  patches_t = _gather(_channels_first(x), kh, kw, channels_first=True)
   dk = jnp.dot(patches_t.reshape(kh * kw * c, -1), dy.reshape(-1, f))  # [(a, b, C), F]
   dx = _gather_adjoint(jnp.dot(dy, kernel.reshape(kh * kw * c, f).T), kh, kw)
   return dx, dk.reshape(kh, kw, c, f)
@@ -254,7 +259,7 @@ def _dense_fwd(x, kernel):
 
 def _dense_bwd(res, dy):
   x, kernel = res
-  return jnp.dot(dy, kernel.T), jnp.dot(jax.lax.optimization_barrier(x.T), dy)
+  return jnp.dot(dy, kernel.T), jnp.dot(_channels_first(x), dy)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
