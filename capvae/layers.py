@@ -47,6 +47,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 
 def _same_padding(size: int, k: int, s: int) -> tuple[int, int]:
@@ -84,8 +85,11 @@ def _gather(x, kh: int, kw: int, channels_first: bool = False):
   if channels_first:
     oh, ow = x.shape[2] - kh + 1, x.shape[3] - kw + 1
     return jnp.concatenate([x[:, :, a:a + oh, b:b + ow] for a, b in _taps(kh, kw)], 0)
+  # Stacked on a new axis, then merged: the same array as concatenating on the
+  # channel axis, which XLA's CPU backend runs several times slower.
   oh, ow = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  return jnp.concatenate([x[:, a:a + oh, b:b + ow, :] for a, b in _taps(kh, kw)], -1)
+  taps = jnp.stack([x[:, a:a + oh, b:b + ow, :] for a, b in _taps(kh, kw)], 3)
+  return taps.reshape(x.shape[0], oh, ow, kh * kw * x.shape[3])
 
 
 def _gather_adjoint(p, kh: int, kw: int):
@@ -135,10 +139,22 @@ def _shift_sum_adjoint(d, kh: int, kw: int, channels_first: bool = False):
 # barriers, or XLA folds them back into the products.
 
 
+def _row_major(a):
+  """``a`` with a row-major layout, which makes XLA materialise it.
+
+  A transpose is otherwise fused into its consumer, which then reads it with a
+  stride: the channels-first 2×2 gather of a transposed ``[64, 18, 18, 32]``
+  input took 7.7 ms fused, against 0.6 ms for the transpose and 0.6 for the
+  gather run one after the other.
+  """
+  return with_layout_constraint(a, Layout(tuple(range(a.ndim))))
+
+
 def _channels_first(d):
   """The last axis first (``[B, H, W, F]`` → ``[F, B, H, W]``; ``[N, C]`` → ``[C, N]``),
-  materialised: XLA may not fold it into the product."""
-  return jax.lax.optimization_barrier(jnp.moveaxis(d, -1, 0))
+  materialised: XLA neither folds it into the product (the barrier) nor fuses it
+  into the gather or stacking that reads it (the layout)."""
+  return _row_major(jax.lax.optimization_barrier(jnp.moveaxis(d, -1, 0)))
 
 
 def _from_channels_first(d):

@@ -213,6 +213,23 @@ def test_weight_gradients_contract_the_left_operands_minor_axis(kernel_shape):
   assert '0' not in dots, dots
 
 
+@pytest.mark.parametrize('kernel_shape', [(2, 2, 128, 32), (2, 2, 32, 128)])
+def test_channels_first_operands_are_materialised_before_taps_are_stacked(kernel_shape):
+  # The gradient gathers (gather first) or stacks (multiply first) the taps of a
+  # channels-first copy of x or dy. Fused into that concatenation, the transpose
+  # is read with a stride and costs several times the two run apart, so no
+  # computation of the compiled gradient may both transpose and concatenate.
+  x = jnp.zeros((2, 9, 9, kernel_shape[2]))
+  kernel = jnp.zeros(kernel_shape)
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(layers.conv_valid(x, k))), argnums=(0, 1)))
+  hlo = grad.lower(x, kernel).compile().as_text()
+  bodies = re.findall(r'^%\S+ \(.*?\n\}', hlo, re.M | re.S)
+  assert any(' concatenate(' in b for b in bodies), 'no concatenation: the test checks nothing'
+  assert any(' transpose(' in b for b in bodies), 'no transpose: the test checks nothing'
+  both = [b.split(' ', 1)[0] for b in bodies if ' concatenate(' in b and ' transpose(' in b]
+  assert not both, both
+
+
 def test_dense_is_flax_dense_with_the_same_parameters_and_gradients():
   kx, kp, kc = jax.random.split(jax.random.key(5), 3)
   x = jax.random.normal(kx, (6, 40))
