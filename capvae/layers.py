@@ -112,19 +112,13 @@ def _shift_sum(y, kh: int, kw: int):
   return sum(parts[1:], parts[0])
 
 
-def _shift_sum_adjoint(d, kh: int, kw: int, channels_first: bool = False):
-  """The transpose of :func:`_shift_sum`: ``d`` placed at every tap's shift, stacked.
-
-  ``[B, H, W, F]`` → ``[B, H + kh − 1, W + kw − 1, kh·kw·F]``; with
-  ``channels_first``, ``[F, B, H, W]`` → ``[kh·kw·F, B, H + kh − 1, W + kw − 1]``.
-  """
+def _shift_sum_adjoint_t(d_t, kh: int, kw: int):
+  """The transpose of :func:`_shift_sum`, channels first: ``d_t [F, B, H, W]`` placed
+  at every tap's shift and stacked, ``[kh·kw·F, B, H + kh − 1, W + kw − 1]``."""
   if (kh, kw) == (1, 1):
-    return d
-  if channels_first:
-    return jnp.concatenate([jnp.pad(d, ((0, 0), (0, 0), (a, kh - 1 - a), (b, kw - 1 - b)))
-                            for a, b in _taps(kh, kw)], 0)
-  return jnp.concatenate([jnp.pad(d, ((0, 0), (a, kh - 1 - a), (b, kw - 1 - b), (0, 0)))
-                          for a, b in _taps(kh, kw)], -1)
+    return d_t
+  return jnp.concatenate([jnp.pad(d_t, ((0, 0), (0, 0), (a, kh - 1 - a), (b, kw - 1 - b)))
+                          for a, b in _taps(kh, kw)], 0)
 
 
 # A weight gradient is a product over every pixel of the batch, ``a.T·b`` with
@@ -135,8 +129,8 @@ def _shift_sum_adjoint(d, kh: int, kw: int, channels_first: bool = False):
 # pass builds one operand of each weight gradient channels first (``a.T``,
 # ``[p, N]``), from whichever array is narrow before the taps are gathered or
 # stacked: the input when gathering first, the output's gradient when
-# multiplying first. The transposes are materialised behind optimisation
-# barriers, or XLA folds them back into the products.
+# multiplying first. The transposes are materialised (:func:`_channels_first`),
+# or XLA folds them back into the products or into the stacking of the taps.
 
 
 def _row_major(a):
@@ -191,12 +185,12 @@ def _conv_valid_fwd(x, kernel):
 
 def _conv_valid_bwd(res, dy):
   """Both gradients share one intermediate, built channels first when multiplying
-  first (``_shift_sum_adjoint(dy.T)``, and ``dx`` comes out channels first too);
+  first (``_shift_sum_adjoint_t(dy.T)``, and ``dx`` comes out channels first too);
   the gathered input is built channels first, from ``x.T``, when gathering first."""
   x, kernel = res
   kh, kw, c, f = kernel.shape
   if _multiply_first(kernel):
-    dtaps_t = _shift_sum_adjoint(_channels_first(dy), kh, kw, channels_first=True)
+    dtaps_t = _shift_sum_adjoint_t(_channels_first(dy), kh, kw)
     shape = dtaps_t.shape[1:]  # [B, H, W] of x
     dtaps_t = dtaps_t.reshape(kh * kw * f, -1)  # [(a, b, F), B·H·W]
     flat = kernel.transpose(2, 0, 1, 3).reshape(c, kh * kw * f)
