@@ -114,6 +114,15 @@ def validate(config) -> None:
   if micro and (micro > config.batch_size or config.batch_size % micro):
     raise ConfigError(f'config.microbatch_size = {micro}: must divide config.batch_size ='
                       f' {config.batch_size} (or be 0: chosen for the platform).')
+  shards = config.get('data_shards', 1)
+  _check_number('config.data_shards', shards, lo=0, lo_open=True, integer=True)
+  if config.batch_size % shards:
+    raise ConfigError(f'config.data_shards = {shards}: must divide config.batch_size ='
+                      f' {config.batch_size} (each device takes an equal share).')
+  if shards > 1 and micro and micro < config.batch_size:
+    raise ConfigError(f'config.data_shards = {shards} with config.microbatch_size = {micro}:'
+                      ' a batch is split over devices or into micro-batches, not both;'
+                      ' set one of them to its default (data_shards 1, microbatch_size 0).')
   validate_sweep(config)
 
 
@@ -169,6 +178,11 @@ def check_devices(config, num_devices: int, num_processes: int) -> None:
   if n and num_processes > 1 and n != num_devices:
     raise ConfigError(f'config.num_devices = {n}: a multi-process run uses all'
                       f' {num_devices} devices; use 0.')
+  shards = config.get('data_shards', 1)
+  if (n or num_devices) % shards:
+    raise ConfigError(f'config.data_shards = {shards}: must divide the {n or num_devices}'
+                      ' device(s) the run uses (on CPU, JAX_NUM_CPU_DEVICES=N makes N'
+                      ' devices of the cores).')
 
 
 def check_against_dataset(config, dataset) -> None:
@@ -185,7 +199,7 @@ def check_against_dataset(config, dataset) -> None:
 
 
 # Fields added after runs were saved without them, and the value such runs used.
-LATER_FIELDS = {'dataset_split': 'train', 'microbatch_size': 0}
+LATER_FIELDS = {'dataset_split': 'train', 'microbatch_size': 0, 'data_shards': 1}
 
 
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ a preemption signal, on one process or many (``jax.distributed``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import contextlib
 import ctypes
 import json
@@ -100,6 +101,42 @@ def member_loss(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec
   rec = reconstruction(spec, out, x, hparams)
   kl = losses.gaussian_kl(mean, logvar)
   return objective(spec, hparams, step, rec, kl, int(np.prod(x.shape[1:])))
+
+
+def data_parallel_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec,
+                        axis: str):
+  """``((loss, aux), grads)`` of the whole batch, from this device's share ``x`` of it.
+
+  The devices along mesh axis ``axis`` each hold an equal, consecutive share of
+  the batch (device ``d`` of ``D``: images ``d·n … (d+1)·n − 1``). Each runs the
+  network forward on its share and keeps the per-example reconstructions and
+  KLs; these are gathered (``B + B·M`` numbers), and every device evaluates the
+  objective on the whole batch's statistics, so the loss, C's penalty (which can
+  depend on the batch mean KL) and the metrics are the whole batch's. Every
+  objective is a function of per-example statistics, so its gradient is
+  ``Σ_b ∂rec_b·g_rec_b + ∂kl_b·g_kl_b``: each device takes the backward pass of
+  its own images with their weights ``g`` and the parameter gradients are
+  summed over ``axis``. Each image gets the noise it gets in the whole batch's
+  draw. The result is the whole batch's gradient up to float rounding (the sum
+  over images runs in another order).
+  """
+  n = x.shape[0]
+  d = jax.lax.axis_index(axis)
+  b = n * jax.lax.axis_size(axis)
+  mine = lambda a: jax.lax.dynamic_slice_in_dim(a, d * n, n)
+  eps = mine(jax.random.normal(key, (b, model.encoder.latent_size), jnp.float32))
+
+  def stats(p):
+    out, mean, logvar = model.apply(p, x, eps, method='with_noise')
+    return reconstruction(spec, out, x, hparams), losses.gaussian_kl(mean, logvar)
+
+  (rec, kl), stats_vjp = jax.vjp(stats, params)
+  gather = lambda a: jax.lax.all_gather(a, axis, tiled=True)
+  (loss, aux), (w_rec, w_kl) = jax.value_and_grad(
+      lambda rec, kl: objective(spec, hparams, step, rec, kl, int(np.prod(x.shape[1:]))),
+      argnums=(0, 1), has_aux=True)(gather(rec), gather(kl))
+  grads = jax.lax.psum(stats_vjp((mine(w_rec), mine(w_kl)))[0], axis)
+  return (loss, aux), grads
 
 
 def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec):
@@ -254,8 +291,11 @@ def update_or_keep(update, state, live):
   return jax.tree.unflatten(treedef, chosen)
 
 
-def make_member_step(model, spec: StepSpec):
+def make_member_step(model, spec: StepSpec, data_axis: str | None = None):
   """One member's update ``(state, x) -> (state, aux)`` on the shared batch ``x``.
+
+  With ``data_axis``, ``x`` is this device's share of the batch, and the
+  gradient is the whole batch's (:func:`data_parallel_grads`).
 
   An update whose loss, gradients or new parameters are not all finite is not
   applied: the member is frozen at its last finite parameters (see
@@ -267,8 +307,9 @@ def make_member_step(model, spec: StepSpec):
   def member_step(state: ts.TrainState, x):
     _, noise_key = ts.member_keys(state.hparams.seed)
     key = jax.random.fold_in(noise_key, state.step)
-    (loss, aux), grads = member_grads(state.params, model, state.hparams, state.step, x,
-                                      key, spec)
+    grads_fn = (member_grads if data_axis is None else
+                functools.partial(data_parallel_grads, axis=data_axis))
+    (loss, aux), grads = grads_fn(state.params, model, state.hparams, state.step, x, key, spec)
     tx = ts.make_optimizer(state.hparams.learning_rate, **opt_kwargs)
 
     def update(params, opt_state):
@@ -315,10 +356,23 @@ def resolve_member_loop(member_loop: str, platform: str | None = None) -> str:
   return 'map' if platform == 'cpu' else 'vmap'
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh with axis ``'member'`` over ``devices`` (default: all, every host)."""
-  devices = jax.devices() if devices is None else devices
-  return jax.sharding.Mesh(np.asarray(devices), ('member',))
+def make_mesh(devices=None, data_shards: int = 1) -> jax.sharding.Mesh:
+  """A ``('member', 'data')`` mesh over ``devices`` (default: all, every host).
+
+  Members are split over the ``'member'`` axis; each member's batch is split
+  over the ``data_shards`` consecutive devices of a ``'data'`` row (1: every
+  device trains its members on the whole batch).
+  """
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  if devices.size % data_shards:
+    raise config_lib.ConfigError(
+        f'config.data_shards = {data_shards} does not divide the {devices.size} device(s).')
+  return jax.sharding.Mesh(devices.reshape(-1, data_shards), ('member', 'data'))
+
+
+def member_rows_of(mesh: jax.sharding.Mesh) -> int:
+  """How many devices hold different members (the member axis's size)."""
+  return mesh.shape['member']
 
 
 def _loop_members(member_step, states, x):
@@ -377,13 +431,18 @@ def make_train_step(model, spec: StepSpec, member_loop: str = 'map',
   ``(member seed, step)`` for the reparameterisation noise, so resuming from a
   checkpoint replays exactly the same stream.
   """
-  member_step = make_member_step(model, spec)
+  data_axis = 'data' if mesh is not None and mesh.shape.get('data', 1) > 1 else None
+  member_step = make_member_step(model, spec, data_axis)
   member_loop = resolve_member_loop(member_loop)
 
   def local_step(states: ts.TrainState, dataset):
     # Members always advance together, so the first one's step is everyone's.
     # Rendered once, on its own: fused into the first layer, XLA recomputes it per use.
-    x = jax.lax.optimization_barrier(batch_at(dataset, states.step[0], spec))
+    x = batch_at(dataset, states.step[0], spec)
+    if data_axis is not None:  # this device's share of the batch
+      n = x.shape[0] // mesh.shape[data_axis]
+      x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(data_axis) * n, n)
+    x = jax.lax.optimization_barrier(x)
     if member_loop == 'vmap':
       return jax.vmap(member_step, in_axes=(0, None))(states, x)
     return _loop_members(member_step, states, x)
@@ -719,8 +778,8 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   spec = StepSpec.from_config(config)
   member_rows = sweep.members(config)
   model = models.get(config.model, config.latent_size, dataset.observation_shape)
-  mesh = make_mesh(jax.devices()[:config.num_devices or None])
-  rows = sweep.padded_size(len(member_rows), config.chunk_size, mesh.size)
+  mesh = make_mesh(jax.devices()[:config.num_devices or None], config.data_shards)
+  rows = sweep.padded_size(len(member_rows), config.chunk_size, member_rows_of(mesh))
   primary = jax.process_index() == 0
 
   if primary:

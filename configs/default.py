@@ -64,6 +64,11 @@ def get_config():
   # (capvae.train.member_grads), with fewer activations live at a time. 0: the
   # whole batch, which is the faster step on the CPUs and batches measured.
   config.microbatch_size = 0
+  # Devices that split each member's batch (data parallel; the same gradient up
+  # to float rounding, capvae.train.data_parallel_grads). It must divide the
+  # batch and the device count. On a CPU, JAX_NUM_CPU_DEVICES=2 makes two
+  # devices of two cores, and data_shards = 2 then trains one member on both.
+  config.data_shards = 1
   config.num_steps = 2000
   config.seed = 0
 

@@ -321,6 +321,27 @@ def test_eight_devices_give_the_single_device_result(sweep_run, tmp_path):
   _close_to_single_device(_members(eight), states, config)
 
 
+def test_a_batch_split_over_two_devices_gives_the_whole_batch_result(sweep_run, tmp_path):
+  _, config, states = sweep_run
+  split = str(tmp_path / 'split')
+  log = _run_cli(split, 2, '--config.data_shards=2')
+  # The three members run on one row of two devices, each device half the batch.
+  assert 'of 3 rows over 2 device(s)' in log
+  rows, whole = _strip(_rows(split)), _strip(_rows(sweep_run[0]))
+  assert [(r['member'], r['step']) for r in rows] == [(r['member'], r['step']) for r in whole]
+  for a, b in zip(rows, whole):  # the whole batch's loss, KL and C at every log step
+    for k in ('loss', 'rec', 'kl', 'c'):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5)
+  _close_to_single_device(_members(split), states, config)
+  # A split that does not divide the devices is refused before anything is written.
+  proc = subprocess.run(
+      [sys.executable, '-m', 'capvae.main', '--config', 'configs/test_sweep.py',
+       '--workdir', str(tmp_path / 'bad'), '--config.data_shards=4'], cwd=ROOT, env=_env(2),
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0 and 'config.data_shards = 4' in proc.stderr
+  assert not os.path.exists(tmp_path / 'bad')
+
+
 def test_two_processes_give_the_single_process_result(sweep_run, tmp_path):
   _, config, states = sweep_run
   two, one = str(tmp_path / 'two'), str(tmp_path / 'one')

@@ -225,6 +225,57 @@ def test_vmapped_members_with_micro_batches_equal_the_member_loop():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('objective, penalty, shards', [
+    ('capacity', 'abs', 2), ('capacity', 'abs', 4), ('beta', 'abs', 2)])
+def test_data_parallel_grads_are_the_whole_batch_gradient(objective, penalty, shards):
+  config = load_config('test')
+  config.objective, config.capacity_penalty = objective, penalty
+  config.beta = 4.0
+  spec = train.StepSpec.from_config(config)
+  dataset = data.get('dsprites')
+  model = models.get('burgess', config.latent_size, dataset.observation_shape)
+  init = train.init_states(model, sweep.stack(sweep.members(config)),
+                           dataset.observation_shape, spec)
+  state = jax.tree.map(lambda a: a[0], init)
+  x = train.batch_at(dataset, jnp.int32(3), spec)
+  key, step = jax.random.key(7), jnp.int32(5)  # C is between 0 and c_max at step 5
+  (loss, aux), grads = train.member_grads(state.params, model, state.hparams, step, x, key,
+                                          spec)
+  # Each of `shards` devices (here a vmapped axis) holds consecutive images.
+  shard = lambda xs: train.data_parallel_grads(state.params, model, state.hparams, step, xs,
+                                               key, spec, axis='data')
+  (s_loss, s_aux), s_grads = jax.vmap(shard, axis_name='data')(
+      x.reshape(shards, -1, *x.shape[1:]))
+  for d in range(shards):  # every device holds the whole batch's loss and gradient
+    np.testing.assert_allclose(s_loss[d], loss, rtol=1e-6)
+    for k in aux:
+      np.testing.assert_allclose(s_aux[k][d], aux[k], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(s_grads), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a[d], b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+  # A device's own share alone gives another gradient: the test can tell.
+  (_, _), own = train.member_grads(state.params, model, state.hparams, step,
+                                   x[:x.shape[0] // shards], key, spec)
+  assert not all(np.allclose(a, b, rtol=1e-2)
+                 for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(grads)))
+
+
+def test_data_shards_must_divide_the_batch_and_not_meet_micro_batches():
+  config = load_config('test')  # batch 8
+  for bad in (3, 16, 0, -2):
+    config.data_shards = bad
+    with pytest.raises(config_lib.ConfigError, match='data_shards'):
+      config_lib.validate(config)
+  config.data_shards = 2
+  config_lib.validate(config)
+  config.microbatch_size = 4
+  with pytest.raises(config_lib.ConfigError, match='data_shards = 2 with config.microbatch'):
+    config_lib.validate(config)
+  config.microbatch_size = 0
+  with pytest.raises(config_lib.ConfigError, match='must divide the 1 device'):
+    config_lib.check_devices(config, 1, 1)
+  config_lib.check_devices(config, 2, 1)
+
+
 def test_microbatch_size_must_divide_the_batch():
   config = load_config('test')
   for bad in (3, 16, -1):
