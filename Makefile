@@ -43,7 +43,7 @@ bench: install
 ## bench-step: the train step of each model against the matmul rate and, when installed
 ## (pip install torch==2.13.0, or .[bench]), against the same step in PyTorch eager.
 bench-step: install
-	$(BIN)/python experiments/bench_train_step.py --loop_steps 200
+	$(BIN)/python experiments/bench_train_step.py --loop_steps 200 --split_rounds 4
 
 ## test: the test suite, on $(TEST_WORKERS) pytest-xdist workers.
 test: install

@@ -163,16 +163,17 @@ def param_count(params, leading: int = 0) -> int:
 
 
 def bench_capvae(model_name: str, batch: int, warmup: int, steps: int,
-                 extras: bool = True) -> dict[str, Any]:
+                 extras: bool = True, data_shards: int = 1) -> dict[str, Any]:
   """Times the training program of ``make train`` for one model (and, with
-  ``extras``, the render, the member step and its products alone)."""
+  ``extras``, the render, the member step and its products alone); with
+  ``data_shards``, its batch split over that many devices."""
   config = default_config(model_name, batch)
   spec = train.StepSpec.from_config(config)
   dataset = data.get(config.dataset, config.dataset_path, config.dataset_split)
   model = models.get(config.model, config.latent_size, dataset.observation_shape)
-  mesh = train.make_mesh()
+  mesh = train.make_mesh(jax.devices()[:data_shards], data_shards)
   rows = sweep.members(config)
-  padded = sweep.padded_size(len(rows), config.chunk_size, mesh.size)
+  padded = sweep.padded_size(len(rows), config.chunk_size, train.member_rows_of(mesh))
   init, step, dataset = train.build_program(model, spec, dataset, mesh, config.member_loop)
   states = init(sweep.stack(sweep.pad(rows, padded)))
   num_params = param_count(states.params, leading=1)
@@ -382,10 +383,39 @@ def bench_loop(model_name: str, batch: int, num_steps: int, rounds: int) -> dict
               gap=statistics.median(a / b - 1 for a, b, _ in pairs))
 
 
-def bare_program(model_name: str, batch: int, steps: int) -> float:
+def bare_program(model_name: str, batch: int, steps: int, data_shards: int = 1) -> float:
   """ms/step of ``make train``'s compiled program called back to back (``--bare_steps``)."""
-  res = bench_capvae(model_name, batch, warmup=3, steps=3, extras=False)
+  res = bench_capvae(model_name, batch, warmup=3, steps=3, extras=False,
+                     data_shards=data_shards)
   return back_to_back_seconds(res['one_step'], steps) * 1e3
+
+
+def bench_split(model_name: str, batch: int, steps: int, rounds: int) -> list[tuple]:
+  """The program on one CPU device against the batch split over one device per
+  core (``JAX_NUM_CPU_DEVICES``, ``config.data_shards``), in ``rounds`` pairs of
+  fresh processes in alternating order: ``[(one ms, split ms), ...]``."""
+  cpus = os.cpu_count() or 1
+  tmp = tempfile.mkdtemp(prefix='capvae_bench_split_')
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(tmp, 'xla-cache'))
+  split_env = dict(env, JAX_NUM_CPU_DEVICES=str(cpus))
+  args = [os.path.abspath(__file__), '--models', model_name, '--batch', str(batch)]
+  one = lambda n: float(_run([*args, '--bare_steps', str(n)], env).split()[-1])
+  split = lambda n: float(_run([*args, '--bare_steps', str(n), '--data_shards', str(cpus)],
+                               split_env).split()[-1])
+  pairs = []
+  try:
+    one(1), split(1)  # fill the compilation cache (see bench_loop)
+    for r in range(rounds):
+      if r % 2 == 0:
+        a = one(steps)
+        b = split(steps)
+      else:
+        b = split(steps)
+        a = one(steps)
+      pairs.append((a, b))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return pairs
 
 
 # --------------------------------------------------------------------------
@@ -777,6 +807,12 @@ def main(argv=None):
                       help='only time the program of the first of --models this many steps'
                            ' back to back and print its ms/step (what --loop_steps runs'
                            ' in a process of its own)')
+  parser.add_argument('--data_shards', type=int, default=1,
+                      help='with --bare_steps: split the batch over this many devices')
+  parser.add_argument('--split_rounds', type=int, default=0,
+                      help='also time the first of --models with its batch split over one'
+                           ' CPU device per core against one device, in this many pairs of'
+                           ' fresh processes (0: off)')
   parser.add_argument('--profile', action='store_true',
                       help='also time pieces of each model\'s step')
   parser.add_argument('--trace', type=int, default=10,
@@ -797,7 +833,8 @@ def main(argv=None):
   if args.bare_steps < 0:
     parser.error(f'--bare_steps: 0 (off) or more, got {args.bare_steps}.')
   if args.bare_steps:
-    print(f'bare ms/step {bare_program(names[0], args.batch, args.bare_steps):.3f}')
+    ms = bare_program(names[0], args.batch, args.bare_steps, args.data_shards)
+    print(f'bare ms/step {ms:.3f}')
     return 0
   for name in names:
     if name not in models.MODELS:
@@ -905,6 +942,15 @@ def main(argv=None):
                 for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
       for ms, n, name, op in rows:
         print(f'#   {ms:6.2f} ms  {n:4.0f}x  {name:<34} {op[:90]}')
+  if args.split_rounds:
+    cpus = os.cpu_count() or 1
+    pairs = bench_split(names[0], args.batch, LOOP_PAIR_STEPS, args.split_rounds)
+    print(f'# batch split {names[0]}: {args.split_rounds} pairs of fresh processes, the'
+          f' program on 1 CPU device (both cores) and with its batch split over {cpus}'
+          f' devices of one core each (JAX_NUM_CPU_DEVICES={cpus},'
+          f' config.data_shards={cpus}), {LOOP_PAIR_STEPS} steps back to back: ms/step '
+          + ', '.join(f'{a:.1f} vs {b:.1f} ({b / a:.3f}x)' for a, b in pairs)
+          + f'; median {statistics.median(b / a for a, b in pairs):.3f}x')
   print(f'# load average at the end: {load_average()}')
 
   if args.profile:
