@@ -778,7 +778,7 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   spec = StepSpec.from_config(config)
   member_rows = sweep.members(config)
   model = models.get(config.model, config.latent_size, dataset.observation_shape)
-  mesh = make_mesh(jax.devices()[:config.num_devices or None], config.data_shards)
+  mesh = make_mesh(jax.devices()[:config.num_devices or None], config.get('data_shards', 1))
   rows = sweep.padded_size(len(member_rows), config.chunk_size, member_rows_of(mesh))
   primary = jax.process_index() == 0
 
