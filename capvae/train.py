@@ -364,9 +364,8 @@ def make_mesh(devices=None, data_shards: int = 1) -> jax.sharding.Mesh:
   device trains its members on the whole batch).
   """
   devices = np.asarray(jax.devices() if devices is None else devices)
-  if devices.size % data_shards:
-    raise config_lib.ConfigError(
-        f'config.data_shards = {data_shards} does not divide the {devices.size} device(s).')
+  if data_shards < 1 or devices.size % data_shards:
+    raise ValueError(f'data_shards = {data_shards} must divide the {devices.size} device(s).')
   return jax.sharding.Mesh(devices.reshape(-1, data_shards), ('member', 'data'))
 
 

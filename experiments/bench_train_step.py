@@ -832,6 +832,11 @@ def main(argv=None):
     parser.error(f'--loop_rounds: at least 1, got {args.loop_rounds}.')
   if args.bare_steps < 0:
     parser.error(f'--bare_steps: 0 (off) or more, got {args.bare_steps}.')
+  if args.data_shards < 1:
+    parser.error(f'--data_shards: 1 (the whole batch on one device) or more, got'
+                 f' {args.data_shards}.')
+  if args.split_rounds < 0:
+    parser.error(f'--split_rounds: 0 (off) or more, got {args.split_rounds}.')
   if args.bare_steps:
     ms = bare_program(names[0], args.batch, args.bare_steps, args.data_shards)
     print(f'bare ms/step {ms:.3f}')
