@@ -165,8 +165,9 @@ def _unflatten(flat: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
 
 def heldout_stats(run: RunMembers, num_images: int, seed: int, batch: int = 500):
   """Per-latent KL ``[M, L]``, reconstruction ``[M]`` (sampled z, the training
-  estimate) and reconstruction from the mean ``[M]``, averaged over
-  ``num_images`` held-out draws."""
+  estimate), reconstruction from the mean ``[M]``, averaged over
+  ``num_images`` held-out draws, and the per-latent KL split into offset,
+  spread and variance (:func:`capvae.losses.kl_decomposition`, each ``[M, L]``)."""
   model, spec, dataset = run.model, run.spec, run.dataset
 
   def one(args, x, key):
@@ -175,7 +176,9 @@ def heldout_stats(run: RunMembers, num_images: int, seed: int, batch: int = 500)
     out_mean = model.apply(params, mean, method=models.VAE.decode)
     return (jnp.sum(losses.gaussian_kl(mean, logvar), axis=0),
             jnp.sum(train.reconstruction(spec, out, x, hparams)),
-            jnp.sum(train.reconstruction(spec, out_mean, x, hparams)))
+            jnp.sum(train.reconstruction(spec, out_mean, x, hparams)),
+            (jnp.sum(mean, axis=0), jnp.sum(jnp.square(mean), axis=0),
+             jnp.sum(jnp.exp(logvar), axis=0), jnp.sum(logvar, axis=0)))
 
   @jax.jit
   def stats(states, ds, key):
@@ -193,8 +196,10 @@ def heldout_stats(run: RunMembers, num_images: int, seed: int, batch: int = 500)
     out = jax.device_get(stats(run.states, ds, jax.random.fold_in(base, b)))
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
   n = num_batches * batch
-  kl, rec, rec_mean = (np.asarray(t, np.float64) / n for t in totals)
-  return kl, rec, rec_mean
+  moments = [np.asarray(t, np.float64) for t in totals[3]]
+  kl, rec, rec_mean = (np.asarray(t, np.float64) / n for t in totals[:3])
+  parts = {k: np.asarray(v) for k, v in losses.kl_decomposition(*moments, n).items()}
+  return kl, rec, rec_mean, parts
 
 
 # Streamed datasets draw held-out records with data seeds from here up (training
@@ -263,7 +268,7 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
   num_heldout = max(100, round(NUM_HELDOUT * scale))
   logging.info('evaluating %d member(s) of %s at step %d (sample sizes %s)',
                run.num_members, workdir, run.step, sizes)
-  kl, rec, rec_mean = heldout_stats(run, num_heldout, seed)
+  kl, rec, rec_mean, kl_parts = heldout_stats(run, num_heldout, seed)
   # Factor metrics need factors over a whole grid; an unlabelled image
   # dataset (tfds:mnist, ...) gets held-out KL and reconstruction only.
   has_factors = (getattr(dataset, 'has_factors', True)
@@ -290,6 +295,10 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
         'kl': float(kl[m].sum()), 'kl_per_latent': kl[m].tolist(),
         'rec': float(rec[m]), 'rec_from_mean': float(rec_mean[m]),
         'active_latents': int(np.sum(kl[m] >= ACTIVE_KL)),
+        # The KL split into what carries information and what cannot
+        # (capvae.losses.kl_decomposition): totals and per latent.
+        'kl_parts': {k: float(v[m].sum()) for k, v in kl_parts.items()},
+        'kl_parts_per_latent': {k: v[m].tolist() for k, v in kl_parts.items()},
         'latent_factors': factors_of,
         'mutual_information': mi,
     })

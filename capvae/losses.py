@@ -133,6 +133,43 @@ def gaussian_kl(mean: Array, logvar: Array) -> Array:
   return 0.5 * (jnp.exp(logvar) + jnp.square(mean) - 1.0 - logvar)
 
 
+def kl_decomposition(mean_sum: Array, mean_sq_sum: Array, var_sum: Array,
+                     logvar_sum: Array, n: Any) -> dict[str, Array]:
+  """Splits the data-average KL of every latent into three parts.
+
+  Averaged over examples, ``KL_m = 0.5 (E[mu^2] + E[sigma^2] - 1 - E[log sigma^2])``,
+  and ``E[mu^2] = E[mu]^2 + Var[mu]``. So
+
+  * ``offset``: ``0.5 E[mu]^2``, a shift of every posterior mean by the same
+    amount. It carries no information about the input; the decoder undoes it
+    with a bias. A penalty that only asks for *some* KL (``|KL - C|`` below C)
+    can be paid with it.
+  * ``spread``: ``0.5 Var[mu]``, the means moving with the input: the only part
+    that can carry information.
+  * ``variance``: ``0.5 (E[sigma^2] - 1 - E[log sigma^2])``, posteriors narrower
+    (or wider) than the prior. Narrowing is what makes a spread of means
+    informative; without a spread it is wasted.
+
+  The three add up to the average KL exactly (``gaussian_kl`` averaged over
+  the examples). The arguments are sums over ``n`` examples, so batches can be
+  accumulated before the split.
+
+  Args:
+    mean_sum, mean_sq_sum: ``sum_b mu`` and ``sum_b mu^2``, ``[..., M]``.
+    var_sum, logvar_sum: ``sum_b sigma^2`` and ``sum_b log sigma^2``, ``[..., M]``.
+    n: the number of examples summed.
+
+  Returns:
+    ``{'offset', 'spread', 'variance'}``, each ``[..., M]`` in nats.
+  """
+  mu = mean_sum / n
+  return {
+      'offset': 0.5 * jnp.square(mu),
+      'spread': 0.5 * jnp.maximum(mean_sq_sum / n - jnp.square(mu), 0.0),
+      'variance': 0.5 * (var_sum / n - 1.0 - logvar_sum / n),
+  }
+
+
 # --------------------------------------------------------------------------
 # Objectives.
 # --------------------------------------------------------------------------

@@ -42,6 +42,46 @@ def test_gaussian_kl_matches_monte_carlo():
   assert got[0] == pytest.approx(0.0, abs=1e-7)  # q = p
 
 
+def _moment_sums(mean, logvar):
+  return (mean.sum(0), np.square(mean).sum(0), np.exp(logvar).sum(0), logvar.sum(0),
+          mean.shape[0])
+
+
+def test_kl_decomposition_adds_up_to_the_average_kl():
+  mean = RNG.normal(0.7, 1.3, size=(257, 6)).astype(np.float32)
+  logvar = RNG.normal(-1.0, 0.8, size=(257, 6)).astype(np.float32)
+  parts = losses.kl_decomposition(*map(jnp.asarray, _moment_sums(mean, logvar)[:4]), 257)
+  average = np.asarray(losses.gaussian_kl(jnp.asarray(mean), jnp.asarray(logvar))).mean(0)
+  np.testing.assert_allclose(parts['offset'] + parts['spread'] + parts['variance'],
+                             average, rtol=1e-5)
+  # Each part against numpy's own statistics, in float64.
+  m64, lv64 = mean.astype(np.float64), logvar.astype(np.float64)
+  np.testing.assert_allclose(parts['offset'], 0.5 * m64.mean(0)**2, rtol=1e-5)
+  np.testing.assert_allclose(parts['spread'], 0.5 * m64.var(0), rtol=1e-4)
+  np.testing.assert_allclose(parts['variance'],
+                             0.5 * (np.exp(lv64).mean(0) - 1 - lv64.mean(0)), rtol=1e-5)
+
+
+def test_kl_decomposition_of_a_constant_code_is_all_offset_and_variance():
+  # Every example encoded to the same posterior: no spread, whatever its KL.
+  mean = np.tile(np.array([[1.5, -2.0, 0.0]], np.float32), (64, 1))
+  logvar = np.tile(np.array([[0.4, 0.0, -1.0]], np.float32), (64, 1))
+  parts = losses.kl_decomposition(*map(jnp.asarray, _moment_sums(mean, logvar)[:4]), 64)
+  np.testing.assert_allclose(parts['offset'], [1.125, 2.0, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(parts['spread'], 0.0, atol=1e-6)
+  np.testing.assert_allclose(parts['variance'][2], 0.5 * (np.exp(-1.0) - 1 + 1.0), rtol=1e-6)
+
+
+def test_kl_decomposition_accumulates_over_batches():
+  mean = RNG.normal(size=(100, 4)).astype(np.float32) + 3.0
+  logvar = RNG.normal(size=(100, 4)).astype(np.float32)
+  a, b = _moment_sums(mean[:37], logvar[:37]), _moment_sums(mean[37:], logvar[37:])
+  whole = losses.kl_decomposition(*_moment_sums(mean, logvar)[:4], 100)
+  halves = losses.kl_decomposition(*[x + y for x, y in zip(a[:4], b[:4])], 100)
+  for k in whole:
+    np.testing.assert_allclose(halves[k], whole[k], rtol=1e-5, atol=1e-6)
+
+
 def test_bernoulli_nll_is_binary_cross_entropy_summed():
   logits = RNG.normal(size=(4, 8, 8, 1)).astype(np.float32) * 3
   x = (RNG.uniform(size=logits.shape) > 0.5).astype(np.float32)

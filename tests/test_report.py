@@ -81,20 +81,26 @@ def test_grid_codes_equal_each_members_own_encoder(sweep_dir):
 
 def test_heldout_kl_matches_a_direct_computation(sweep_dir):
   run = evaluate.RunMembers(sweep_dir)
-  kl, rec, rec_mean = evaluate.heldout_stats(run, num_images=40, seed=3, batch=20)
+  kl, rec, rec_mean, parts = evaluate.heldout_stats(run, num_images=40, seed=3, batch=20)
   base = jax.random.fold_in(jax.random.key(3), 1)
   images = jax.jit(lambda key: run.dataset.render(run.dataset.sample_factors(key, 20)))
   encode = _apply(run, models.VAE.encode)
   for m in range(run.num_members):
     _, model, state, _ = train.load_member(sweep_dir, m)
     assert model == run.model
-    per_batch = []
+    per_batch, means = [], []
     for b in range(2):
       fkey, _ = jax.random.split(jax.random.fold_in(base, b))
       mean, logvar = encode(state.params, images(fkey))
       per_batch.append(0.5 * (np.exp(logvar) + np.square(mean) - 1 - logvar))
+      means.append(np.asarray(mean, np.float64))
     want = np.concatenate(per_batch).mean(axis=0)
     np.testing.assert_allclose(kl[m], want, rtol=1e-4, atol=1e-6)
+    # The split of the same KL: the offset and spread of the 40 means.
+    means = np.concatenate(means)
+    np.testing.assert_allclose(parts['offset'][m], 0.5 * means.mean(0)**2, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(parts['spread'][m], 0.5 * means.var(0), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(sum(parts.values())[m], kl[m], rtol=1e-4, atol=1e-6)
     assert rec[m] > 0 and rec_mean[m] > 0
 
 
