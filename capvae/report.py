@@ -84,8 +84,13 @@ def varying_hparams(records) -> list[str]:
 # --------------------------------------------------------------------------
 
 
-def fig_kl_latents(rows, title: str):
-  """Per-latent KL and total KL over training, with C(t) dashed."""
+def fig_kl_latents(rows, title: str, factor_of: dict[int, str] | None = None):
+  """Per-latent KL and total KL over training, with C(t) dashed.
+
+  ``factor_of`` maps latents to the factor each encodes (``eval.json``'s
+  ``latent_factors``); the legend names them.
+  """
+  factor_of = factor_of or {}
   steps = np.array([r['step'] for r in rows])
   kl = np.array([[_num(v) for v in r['kl_per_latent']] for r in rows])
   order = np.argsort(-np.nan_to_num(kl[-1], nan=-1.0))
@@ -93,7 +98,7 @@ def fig_kl_latents(rows, title: str):
   cmap = plt.get_cmap('tab10' if kl.shape[1] <= 10 else 'tab20')
   for rank, j in enumerate(order):
     ax.plot(steps, kl[:, j], color=cmap(rank % cmap.N), lw=1.3,
-            label=f'z{j}: {kl[-1, j]:.2f}')
+            label=f'z{j}: {kl[-1, j]:.2f}' + (f' {factor_of[j]}' if j in factor_of else ''))
   ax.plot(steps, np.nansum(kl, axis=1), color='0.35', lw=2.2, label='total KL')
   if all(r.get('c') is not None for r in rows) and any(r.get('c') for r in rows):
     ax.plot(steps, [r['c'] for r in rows], 'k--', lw=1.6, label='C(t)')
@@ -369,12 +374,18 @@ def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 
   metric_names = list(records[0]['metrics'])
   parts.append('<h2>Metrics</h2>')
   parts.append(_table(
-      ['member', *varying, 'KL', 'rec', 'active', *metric_names],
-      [[r['member'], *[r[h] for h in varying], r['kl'], r['rec'], r['active_latents'],
+      ['member', *varying, 'KL', 'KL spread', 'KL offset', 'rec', 'active', *metric_names],
+      [[r['member'], *[r[h] for h in varying], r['kl'],
+        r.get('kl_parts', {}).get('spread'), r.get('kl_parts', {}).get('offset'),
+        r['rec'], r['active_latents'],
         *[r['metrics'][k] for k in metric_names]] for r in records]))
   parts.append('<p class="note">KL and rec: held-out means (nats per image) over '
                f'{result["settings"].get("num_heldout", "")} fresh draws; active: latents'
-               f' with KL ≥ {evaluate.ACTIVE_KL:g} nats.</p>')
+               f' with KL ≥ {evaluate.ACTIVE_KL:g} nats. KL spread: the part of the KL in'
+               ' posterior means that move with the image, the only part that can carry'
+               ' information; KL offset: means shifted by the same amount for every image,'
+               ' which carries none (a collapsed encoder pays C with it;'
+               ' <code>capvae.losses.kl_decomposition</code>).</p>')
   parts.append('<h2>What each active latent encodes</h2>')
   if not result.get('has_factors', True):
     parts.append(f'<p class="note">{html.escape(config.dataset)} has no ground-truth factor'
@@ -415,7 +426,8 @@ def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 
     if r.get('frozen'):
       parts.append('<p><b>This member froze (diverged); its last finite parameters are'
                    ' shown.</b></p>')
-    data = _png(fig_kl_latents(mr, f'{label}: per-latent KL over training'),
+    factor_of = {lf['latent']: lf['factor'] for lf in r['latent_factors']}
+    data = _png(fig_kl_latents(mr, f'{label}: per-latent KL over training', factor_of),
                 os.path.join(out_dir, f'kl_latents_m{m:03d}.png'))
     parts.append(_img(data, 'Per-latent KL (batch means) over training'
                       + (', C(t) dashed' if capacity else '') + '; legend ordered by final KL.'))
