@@ -9,14 +9,17 @@ roughly 1.5–2 hours on a 2-core AVX-512 CPU (~0.055 s a step; ~0.13 s, about
 3.5 hours, on 2 AVX2 cores), minutes on a GPU.
 
 The learning rate is not the 5e-4 that secondary sources quote for the paper.
-At 5e-4 the encoder switches its input off in the first ~100 steps, while C
-is still near 0, and the rest of the run pays C with posterior means shifted
+At 5e-4 the encoder's means stop depending on the image in the first few
+hundred steps, while C is still near 0, and the rest of the run pays C with posterior means shifted
 by a constant (an offset that carries nothing): 0.00 nats of the KL moves with
-the image, and the reconstruction stays at the mean image's ~465 nats. capvae
-and a PyTorch twin of the model do the same, at two seeds. At 1e-4,
+the image, and the reconstruction stays at the mean image's ~465 nats (capvae at
+both seeds tried, and a PyTorch twin of the model). At 1e-4,
 disentanglement_lib's rate for the same objective, the first two latents to
 take capacity encode posY and posX, one factor each
-(``docs/reproduction.md``; ``experiments/reproduce/stall.py``).
+(``docs/reproduction.md``; ``experiments/reproduce/stall.py``). With C raised
+four times faster than here (25,000 steps), no third latent switched on by
+C = 25: the position latents absorbed the rest of the capacity. Whether this
+schedule opens scale, shape and orientation is the open question on that page.
 
 Add ``--config.dataset_path=/path/to/dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz``
 to train on the official images.
