@@ -17,6 +17,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
+# Imported by name: tfds loads this submodule lazily, so whether the attribute
+# path below exists otherwise depends on which tests ran first on the worker.
+from tensorflow_datasets.core.data_sources import base as tfds_source_base
 
 from capvae.data import base
 from capvae.data import dsprites
@@ -274,7 +277,7 @@ def test_binary_storage_is_decided_over_all_chunks(monkeypatch):
 def test_mock_official_datasets(name, module, shape, tmp_path, monkeypatch):
   # TFDS 4.9's mock sets the data source's __getitems__ as an unbound function
   # (it is called without `self` and fails); read the records one at a time.
-  monkeypatch.setattr(tfds.core.data_sources.base.BaseDataSource, '__getitems__',
+  monkeypatch.setattr(tfds_source_base.BaseDataSource, '__getitems__',
                       lambda self, keys: [self[k] for k in keys])
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
     with pytest.raises(ConfigError, match=f'covers .* of the {np.prod(module.FACTOR_SIZES)}'):
