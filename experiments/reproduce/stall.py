@@ -11,8 +11,9 @@ the only part that can carry information) and the part that does not
 (``offset``, ``variance``; :func:`capvae.losses.kl_decomposition`).
 
 Writes ``stall.png`` and ``stall.json`` (every number plotted) into
-``--out`` (default: the workdir). About 15 minutes on 2 CPU cores for 3,000
-steps. The workdir resumes like any run.
+``--out`` (default: the workdir). 3,000 steps took 24.7 minutes on a 2-core
+AMD EPYC with another run sharing the cores (docs/reproduction.md). The
+workdir resumes like any run.
 """
 
 from __future__ import annotations
