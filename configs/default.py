@@ -15,8 +15,9 @@ What you should see (``make report``): the batch KL stays within a few tenths
 of a nat of C; the reconstruction falls from ~2,800 nats (random logits)
 through ~470 (the mean image, while C is under a nat) to ~200; and the first
 latents to take capacity encode position, one factor each: two active latents,
-posY and posX, each of them the most informative latent about its factor and
-about nothing else, while every other latent stays at the prior. That is the
+one for posY and one for posX (``make report``'s latent table; measured:
+MI / H(factor) 0.28 and 0.31), while every other latent stays at the prior
+(held-out KL under 0.1 nats). That is the
 start of Burgess et al.'s Fig. 3; ``docs/reproduction.md`` shows what longer
 schedules do after it.
 
