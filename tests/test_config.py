@@ -47,6 +47,26 @@ def test_paper_settings():
   assert (h.objective, h.model, h.beta, h.latent_size) == ('beta', 'mlp', 4.0, 10)
 
 
+def test_locatello_grids():
+  grid = config_lib.sibling(os.path.join(ROOT, 'configs', 'x.py'), 'locatello_grid')
+  a = grid.get_config('annealed')
+  config_lib.validate(a)
+  assert (a.objective, a.model, a.gamma, a.c_anneal_steps, a.num_steps) == (
+      'capacity', 'locatello', 1000.0, 100_000, 300_000)
+  assert (a.learning_rate, a.batch_size, a.reconstruction) == (1e-4, 64, 'bernoulli')
+  assert dict(a.sweep.product) == {'c_max': [5.0, 10.0, 25.0, 50.0, 75.0, 100.0],
+                                   'seed': [0, 1, 2]}
+  b = grid.get_config('beta,seeds=5')
+  config_lib.validate(b)
+  assert (b.objective, b.beta_norm) == ('beta', False)
+  assert dict(b.sweep.product) == {'beta': [1.0, 2.0, 4.0, 6.0, 8.0, 16.0],
+                                   'seed': [0, 1, 2, 3, 4]}
+  for arg, words in [('factor', 'annealed, beta'), ('beta,seeds=0', 'seeds=N'),
+                     ('beta,lr=3', 'seeds=N')]:
+    with pytest.raises(ValueError, match=words):
+      grid.get_config(arg)
+
+
 BAD = [
     ('beta', -1.0, '>= 0'),
     ('gamma', -5.0, '>= 0'),
