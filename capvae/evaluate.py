@@ -12,7 +12,11 @@ its latest checkpoint, this computes
   with a seed of their own, independent of the training batches);
 * which factor each active latent encodes: the factor with which it shares
   the most mutual information (20-bin discretisation of the mean), with that
-  MI divided by the factor's entropy.
+  MI divided by the factor's entropy;
+* I(x; z), the information the code carries about the image, with x uniform
+  over the dataset's grid (over a random subset of it when ``scale < 1``),
+  and for each latent alone (:mod:`capvae.metrics.information`): the KL minus
+  I(x; z) is what the code spends on not looking like the prior.
 
 and writes ``eval.json`` to the workdir: one record per member, with its
 hyperparameters. Members of a sweep are evaluated together: each image is
@@ -35,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capvae import data, losses, metrics, models, sweep, train
+from capvae.metrics import information
 from capvae.data import base
 from capvae.errors import ConfigError
 
@@ -44,6 +49,11 @@ ACTIVE_KL = 0.1
 DCI_ESTIMATORS = metrics.DCI_ESTIMATORS
 # Held-out draws for per-latent KL and reconstruction (times the scale).
 NUM_HELDOUT = 10_000
+# I(x; z) (capvae.metrics.information): images whose z the estimate averages
+# over (times the scale), and the fewest images in the mixture when the scale
+# shrinks it below the whole grid.
+INFO_QUERIES = 1000
+INFO_MIN_IMAGES = 10_000
 # The headline number of each metric (keys of metrics.evaluate_all's scores).
 HEADLINE = {
     'beta_vae': 'beta_vae.eval_accuracy',
@@ -119,15 +129,15 @@ class GridCodes:
 
     def encode(params, factors):
       x = dataset.render(factors)
-      means = jax.lax.map(
-          lambda p: encoder.apply({'params': p['params']['encoder']}, x)[0], params)
-      return means  # [M, chunk, L]
+      return jax.lax.map(  # means and log variances, [M, chunk, L] each
+          lambda p: encoder.apply({'params': p['params']['encoder']}, x), params)
 
     self._encode = jax.jit(encode)
     latent = jax.eval_shape(
         self._encode, params,
-        jax.ShapeDtypeStruct((chunk, len(dataset.factor_sizes)), jnp.int32)).shape[-1]
+        jax.ShapeDtypeStruct((chunk, len(dataset.factor_sizes)), jnp.int32))[0].shape[-1]
     self.codes = np.zeros((num_members, dataset.num_examples, latent), np.float32)
+    self.logvars = np.zeros_like(self.codes)
     self.filled = np.zeros((dataset.num_examples,), bool)
     strides = base._strides(dataset.factor_sizes)  # pylint: disable=protected-access
     self.strides = np.asarray(strides, np.int64)
@@ -145,11 +155,19 @@ class GridCodes:
       n = part.shape[0]
       if n < self.chunk:
         part = np.concatenate([part, np.repeat(part[-1:], self.chunk - n, axis=0)])
-      means = np.asarray(self._encode(self._params, jnp.asarray(part, jnp.int32)))
+      means, logvars = jax.device_get(self._encode(self._params, jnp.asarray(part, jnp.int32)))
       self.codes[:, todo[start:start + n]] = means[:, :n]
+      self.logvars[:, todo[start:start + n]] = logvars[:, :n]
     self.filled[todo] = True
     self.encoded += todo.size
     self.seconds += time.perf_counter() - t0
+
+  def posteriors(self, member: int, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Member ``member``'s posterior means and log variances ``[n, L]`` of the
+    grid points with flat indices ``flat``."""
+    flat = np.asarray(flat, np.int64)
+    self._fill(flat)
+    return self.codes[member, flat], self.logvars[member, flat]
 
   def codes_fn(self, member: int):
     def fn(factors: np.ndarray) -> np.ndarray:
@@ -220,6 +238,14 @@ def draw_images(dataset, key: jax.Array, n: int, seed: int = 0) -> jax.Array:
   return dataset.render(dataset.sample_factors(key, n))
 
 
+def information_images(num_examples: int, scale: float, seed: int) -> np.ndarray:
+  """Flat grid indices of the images I(x; z) is computed over: the whole grid
+  at ``scale`` 1, else a random subset of ``max(INFO_MIN_IMAGES, scale·N)``."""
+  n = num_examples
+  size = n if scale >= 1 else min(n, max(INFO_MIN_IMAGES, round(n * scale)))
+  return np.sort(np.random.default_rng([seed, 7]).choice(n, size, replace=False))
+
+
 def latent_factors(kl_per_latent, mi, factor_sizes, factor_names):
   """What each active latent encodes: ``[{latent, kl, factor, mi, normalized_mi}]``,
   latents in order of decreasing KL; ``mi`` is ``[L, K]`` in nats."""
@@ -277,6 +303,9 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
     logging.info('%s has no complete factor grid: no disentanglement metrics.',
                  run.config.dataset)
   grid = GridCodes(run.model, dataset, run.states.params) if has_factors else None
+  if has_factors:
+    info_flat = information_images(dataset.num_examples, scale, seed)
+    info_queries = max(100, round(INFO_QUERIES * scale))
   records = []
   for m, row in enumerate(run.rows):
     if has_factors:
@@ -286,8 +315,13 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
       values = {name: scores[key] for name, key in HEADLINE.items()}
       factors_of = latent_factors(kl[m], mi, dataset.factor_sizes, dataset.factor_names)
       mi = np.asarray(mi).tolist()
+      t_info = time.perf_counter()
+      info = information.code_information(
+          *grid.posteriors(m, info_flat), jax.random.fold_in(jax.random.key(seed), m),
+          num_queries=info_queries)
+      times['information'] = time.perf_counter() - t_info
     else:
-      scores, times, values, factors_of, mi = {}, {}, {}, [], None
+      scores, times, values, factors_of, mi, info = {}, {}, {}, [], None, None
     frozen = bool(np.asarray(run.states.frozen[m]))
     records.append({
         **row, 'member': m, 'step': run.step, 'frozen': frozen,
@@ -301,9 +335,14 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
         'kl_parts_per_latent': {k: v[m].tolist() for k, v in kl_parts.items()},
         'latent_factors': factors_of,
         'mutual_information': mi,
+        # I(x; z) in nats, with its Monte Carlo error, per latent, and its
+        # bound ln(images).
+        'information': info,
     })
-    logging.info('member %d: %s', m, ', '.join(
-        f'{k} {v:.3f}' for k, v in values.items()))
+    logging.info('member %d: %s%s', m, ', '.join(
+        f'{k} {v:.3f}' for k, v in values.items()),
+        f', I(x;z) {info["mi"]:.2f} ± {info["mi_stderr"]:.2f} of KL {kl[m].sum():.2f}'
+        if info else '')
   result = {
       'workdir': os.path.abspath(workdir), 'step': run.step,
       'factor_names': list(dataset.factor_names),

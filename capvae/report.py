@@ -374,14 +374,18 @@ def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 
   metric_names = list(records[0]['metrics'])
   parts.append('<h2>Metrics</h2>')
   parts.append(_table(
-      ['member', *varying, 'KL', 'KL spread', 'KL offset', 'rec', 'active', *metric_names],
-      [[r['member'], *[r[h] for h in varying], r['kl'],
+      ['member', *varying, 'KL', 'I(x; z)', 'KL spread', 'KL offset', 'rec', 'active',
+       *metric_names],
+      [[r['member'], *[r[h] for h in varying], r['kl'], (r.get('information') or {}).get('mi'),
         r.get('kl_parts', {}).get('spread'), r.get('kl_parts', {}).get('offset'),
         r['rec'], r['active_latents'],
         *[r['metrics'][k] for k in metric_names]] for r in records]))
   parts.append('<p class="note">KL and rec: held-out means (nats per image) over '
                f'{result["settings"].get("num_heldout", "")} fresh draws; active: latents'
-               f' with KL ≥ {evaluate.ACTIVE_KL:g} nats. KL spread: the part of the KL in'
+               f' with KL ≥ {evaluate.ACTIVE_KL:g} nats. I(x; z): the information the'
+               ' code carries about the image (x uniform over the dataset; at most ln of its'
+               ' size; <code>capvae.metrics.information</code>); the rest of the KL buys'
+               ' nothing. KL spread: the part of the KL in'
                ' posterior means that move with the image, the only part that can carry'
                ' information; KL offset: means shifted by the same amount for every image,'
                ' which carries none (a collapsed encoder pays C with it;'

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from capvae import evaluate, models, report, train
+from capvae import evaluate, metrics, models, report, train
 from conftest import ROOT, load_config
 
 # Under pytest-xdist, on one worker: they share the module's sweep_dir fixture.
@@ -102,6 +102,29 @@ def test_heldout_kl_matches_a_direct_computation(sweep_dir):
     np.testing.assert_allclose(parts['spread'][m], 0.5 * means.var(0), rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(sum(parts.values())[m], kl[m], rtol=1e-4, atol=1e-6)
     assert rec[m] > 0 and rec_mean[m] > 0
+
+
+def test_information_is_that_of_each_members_own_posteriors(sweep_dir):
+  result = _eval(sweep_dir)
+  run = evaluate.RunMembers(sweep_dir)
+  flat = evaluate.information_images(run.dataset.num_examples, SCALE, seed=0)
+  assert flat.size == evaluate.INFO_MIN_IMAGES == len(np.unique(flat))
+  factors = np.stack(np.unravel_index(flat, run.dataset.factor_sizes), 1).astype(np.int32)
+  render = jax.jit(run.dataset.render)
+  encode = _apply(run, models.VAE.encode)
+  for m, rec in enumerate(result['members']):
+    info = rec['information']
+    assert info['num_images'] == flat.size and info['bound'] == pytest.approx(np.log(flat.size))
+    _, _, state, _ = train.load_member(sweep_dir, m)
+    means, logvars = zip(*[encode(state.params, render(factors[i:i + 2000]))
+                           for i in range(0, flat.size, 2000)])
+    want = metrics.code_information(np.concatenate(means), np.concatenate(logvars),
+                                    jax.random.fold_in(jax.random.key(0), m),
+                                    num_queries=info['num_queries'])
+    assert info['mi'] == pytest.approx(want['mi'], abs=1e-3)
+    np.testing.assert_allclose(info['per_latent'], want['per_latent'], atol=1e-3)
+    # The information costs at least as much KL: I(x; z) <= E KL(q(z|x) || p).
+    assert -4 * info['mi_stderr'] <= info['mi'] <= rec['kl'] + 4 * info['mi_stderr'] + 0.05
 
 
 def test_traversals_decode_the_first_code_with_one_latent_set(sweep_dir):

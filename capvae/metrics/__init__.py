@@ -10,6 +10,8 @@ Two levels:
   :func:`beta_vae_score`, :func:`factor_vae_score`, and
   :func:`evaluate_all`, the whole suite at disentanglement_lib's sample sizes
   (:func:`default_sizes`).
+* :mod:`capvae.metrics.information` — :func:`code_information`, I(x; z) of a
+  Gaussian encoder with x uniform over a finite set of images, against ln N.
 
 Example::
 
@@ -32,6 +34,7 @@ from capvae.metrics.array_metrics import (
     mutual_information,
     sap,
 )
+from capvae.metrics.information import code_information
 from capvae.metrics.sampling import (
     DEFAULT_SIZES,
     PRUNE_THRESHOLD,
@@ -48,7 +51,8 @@ from capvae.metrics.sampling import (
 
 __all__ = [
     'DCI_ESTIMATORS', 'DEFAULT_SIZES', 'NUM_BINS', 'PRUNE_THRESHOLD', 'SuiteResult',
-    'array_metric_data', 'beta_vae_score', 'check_sizes', 'dci', 'dci_from_importance',
+    'array_metric_data', 'beta_vae_score', 'check_sizes', 'code_information', 'dci',
+    'dci_from_importance',
     'default_sizes', 'discrete_entropy', 'discrete_mutual_info', 'evaluate_all',
     'factor_vae_score', 'histogram_discretize', 'logistic_regression', 'metric_seeds', 'mig',
     'modularity_explicitness', 'modularity_from_mi', 'mutual_information', 'sample_factors',
