@@ -187,16 +187,24 @@ def beta_norm(beta: Any, latent_size: int, input_size: int) -> Any:
   return beta * latent_size / input_size
 
 
+# Per-example total KL quantiles in every objective's aux (and so in every
+# logged row): name -> quantile. The batch KL is their mean; a penalty on each
+# example's KL ('abs_per_example') pins the median to C instead.
+KL_QUANTILES = {'kl_example_p10': 0.1, 'kl_example_median': 0.5, 'kl_example_p90': 0.9}
+
+
 def _batch_aux(rec: Array, kl: Array, c: Any) -> Aux:
   kl_per_latent = jnp.mean(kl, axis=0)
   kl_total = jnp.sum(kl_per_latent)
   c = jnp.asarray(c, kl_total.dtype)
+  quantiles = jnp.quantile(jnp.sum(kl, axis=-1), jnp.asarray(list(KL_QUANTILES.values())))
   return {
       'rec': jnp.mean(rec),
       'kl': kl_total,
       'kl_per_latent': kl_per_latent,
       'c': c,
       'kl_minus_c': kl_total - c,
+      **dict(zip(KL_QUANTILES, quantiles)),
   }
 
 

@@ -215,6 +215,11 @@ def test_objectives_return_named_aux_with_per_latent_kl():
     assert aux['kl_per_latent'].shape == (6,)
     np.testing.assert_allclose(aux['kl_per_latent'].sum(), aux['kl'], rtol=1e-6)
     assert float(aux['loss']) == float(loss)
+    # Per-example total KL statistics, against numpy's percentiles.
+    kl_b = np.asarray(kl, np.float64).sum(-1)
+    for name, pct in [('kl_example_p10', 10), ('kl_example_median', 50),
+                      ('kl_example_p90', 90)]:
+      np.testing.assert_allclose(aux[name], np.percentile(kl_b, pct), rtol=1e-5)
 
 
 def test_unknown_penalty_is_refused():
