@@ -96,6 +96,8 @@ def validate(config) -> None:
     raise ConfigError(f'config.dataset_split = {split!r}: must be a non-empty split name'
                       " such as 'train' or 'train[:90%]'.")
   _choice(config, 'model', models.MODELS)
+  if 'init' in config:  # runs saved before it existed used 'lecun' (LATER_FIELDS)
+    _choice(config, 'init', models.INITS)
   _choice(config, 'objective', losses.OBJECTIVES)
   _choice(config, 'reconstruction', tuple(losses.RECONSTRUCTIONS))
   _choice(config, 'capacity_penalty', tuple(losses.CAPACITY_PENALTIES))
@@ -199,7 +201,8 @@ def check_against_dataset(config, dataset) -> None:
 
 
 # Fields added after runs were saved without them, and the value such runs used.
-LATER_FIELDS = {'dataset_split': 'train', 'microbatch_size': 0, 'data_shards': 1}
+LATER_FIELDS = {'dataset_split': 'train', 'microbatch_size': 0, 'data_shards': 1,
+                'init': 'lecun'}
 
 
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:

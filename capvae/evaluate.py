@@ -89,7 +89,7 @@ class RunMembers:
                  config.get('dataset_split', 'train'))
     self.spec = train.StepSpec.from_config(config)
     self.model = models.get(config.model, config.latent_size,
-                            self.dataset.observation_shape)
+                            self.dataset.observation_shape, config.get('init', 'lecun'))
     chunk_size = int(config.get('chunk_size', 0))
     parts, steps = [], set()
     for chunk, ids in enumerate(sweep.chunks(len(self.rows), chunk_size)):

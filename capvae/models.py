@@ -19,6 +19,34 @@ import jax.numpy as jnp
 
 from capvae import layers
 
+# How weights and biases start. 'lecun': Flax's defaults (LeCun normal weights,
+# zero biases). 'torch': PyTorch's defaults (weights and biases uniform in
+# ±1/sqrt(fan_in); a transposed convolution's fan_in counts its *output*
+# channels, as torch computes it from its weight layout). 'kaiming':
+# 1Konny/Beta-VAE's ``kaiming_init`` (dense and conv weights N(0, 2/fan_in),
+# zero biases; transposed convolutions keep PyTorch's defaults).
+INITS = ('lecun', 'torch', 'kaiming')
+
+
+def _uniform(bound: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def initializers(init: str, kind: str, fan_in: int) -> dict:
+  """``kernel_init`` and ``bias_init`` of a ``kind`` ('dense', 'conv' or
+  'deconv') layer under scheme ``init`` (one of ``INITS``), where ``fan_in``
+  is torch's: inputs per output unit, or for 'deconv' outputs per input."""
+  if init not in INITS:
+    raise ValueError(f'init {init!r} is unknown; allowed: {list(INITS)}.')
+  if init == 'lecun':
+    return {}
+  if init == 'kaiming' and kind != 'deconv':
+    return dict(kernel_init=nn.initializers.variance_scaling(2.0, 'fan_in', 'normal'))
+  bound = 1.0 / math.sqrt(fan_in)
+  return dict(kernel_init=_uniform(bound), bias_init=_uniform(bound))
+
 
 class ConvEncoder(nn.Module):
   """Strided convolutions (each halving the image), then dense layers, then 2·M outputs."""
@@ -26,6 +54,7 @@ class ConvEncoder(nn.Module):
   convs: Sequence[tuple[int, int]]  # (features, kernel size), stride 2 each
   dense: Sequence[int]
   conv_impl: str = 'matmul'  # see capvae.layers.Conv
+  init: str = 'lecun'  # one of INITS
 
   @nn.compact
   def __call__(self, x, start: int = 0, stop: int | None = None):
@@ -40,14 +69,16 @@ class ConvEncoder(nn.Module):
       x = nn.relu(x)
     for i, (features, k) in enumerate(self.convs[start:stop], start):
       x = layers.Conv(features, (k, k), strides=(2, 2), impl=self.conv_impl,
-                      name=f'Conv_{i}')(x)
+                      name=f'Conv_{i}',
+                      **initializers(self.init, 'conv', k * k * x.shape[-1]))(x)
       if stop is not None and i == stop - 1:
         return x
       x = nn.relu(x)
     x = x.reshape(x.shape[0], -1)
     for width in self.dense:
-      x = nn.relu(layers.Dense(width)(x))
-    out = layers.Dense(2 * self.latent_size)(x)
+      x = nn.relu(layers.Dense(width, **initializers(self.init, 'dense', x.shape[-1]))(x))
+    out = layers.Dense(2 * self.latent_size,
+                       **initializers(self.init, 'dense', x.shape[-1]))(x)
     return out[:, :self.latent_size], out[:, self.latent_size:]
 
 
@@ -75,6 +106,7 @@ class ConvDecoder(nn.Module):
   dense: Sequence[int]
   base_features: int
   deconvs: Sequence[int]  # features of the first three transposed convs
+  init: str = 'lecun'  # one of INITS
 
   @nn.compact
   def __call__(self, z, start: int = 0, stop: int | None = None):
@@ -94,12 +126,14 @@ class ConvDecoder(nn.Module):
       base_h, base_w = h // 16, w // 16
       x = z
       for width in self.dense:
-        x = nn.relu(layers.Dense(width)(x))
-      x = nn.relu(layers.Dense(base_h * base_w * self.base_features)(x))
+        x = nn.relu(layers.Dense(width, **initializers(self.init, 'dense', x.shape[-1]))(x))
+      x = nn.relu(layers.Dense(base_h * base_w * self.base_features,
+                               **initializers(self.init, 'dense', x.shape[-1]))(x))
       x = x.reshape(z.shape[0], base_h, base_w, self.base_features)
     last = len(features) if stop is None else stop
     for i in range(start, last):
-      x = layers.ConvTranspose(features[i], name=f'ConvTranspose_{i}')(x)
+      x = layers.ConvTranspose(features[i], name=f'ConvTranspose_{i}',
+                               **initializers(self.init, 'deconv', 16 * features[i]))(x)
       if i < last - 1:
         x = nn.relu(x)
     return x
@@ -125,13 +159,14 @@ class MLPEncoder(nn.Module):
   """Higgins et al. 2017 dSprites encoder: FC 1200-1200 (ReLU), 2·M outputs."""
   latent_size: int
   hidden: Sequence[int] = (1200, 1200)
+  init: str = 'lecun'  # one of INITS
 
   @nn.compact
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      x = nn.relu(layers.Dense(width)(x))
-    out = layers.Dense(2 * self.latent_size)(x)
+      x = nn.relu(layers.Dense(width, **initializers(self.init, 'dense', x.shape[-1]))(x))
+    out = layers.Dense(2 * self.latent_size, **initializers(self.init, 'dense', x.shape[-1]))(x)
     return out[:, :self.latent_size], out[:, self.latent_size:]
 
 
@@ -139,13 +174,15 @@ class MLPDecoder(nn.Module):
   """Higgins et al. 2017 dSprites decoder: FC 1200-1200-1200 (tanh), N outputs."""
   image_shape: Sequence[int]
   hidden: Sequence[int] = (1200, 1200, 1200)
+  init: str = 'lecun'  # one of INITS
 
   @nn.compact
   def __call__(self, z):
     x = z
     for width in self.hidden:
-      x = nn.tanh(layers.Dense(width)(x))
-    x = layers.Dense(math.prod(self.image_shape))(x)
+      x = nn.tanh(layers.Dense(width, **initializers(self.init, 'dense', x.shape[-1]))(x))
+    x = layers.Dense(math.prod(self.image_shape),
+                     **initializers(self.init, 'dense', x.shape[-1]))(x)
     return x.reshape(z.shape[0], *self.image_shape)
 
 
@@ -194,13 +231,17 @@ _MODELS = {'burgess': burgess, 'locatello': locatello, 'mlp': mlp}
 MODELS = tuple(_MODELS)
 
 
-def get(name: str, latent_size: int, image_shape: Sequence[int]) -> VAE:
-  """Builds the VAE called ``name`` (one of ``MODELS``)."""
+def get(name: str, latent_size: int, image_shape: Sequence[int], init: str = 'lecun') -> VAE:
+  """Builds the VAE called ``name`` (one of ``MODELS``), its parameters to be
+  initialised by scheme ``init`` (one of ``INITS``)."""
   if name not in _MODELS:
     raise ValueError(f'model {name!r} is unknown; allowed: {sorted(_MODELS)}.')
+  if init not in INITS:
+    raise ValueError(f'init {init!r} is unknown; allowed: {list(INITS)}.')
   image_shape = tuple(int(s) for s in image_shape)
   if name != 'mlp' and (image_shape[0] % 16 or image_shape[1] % 16):
     raise ValueError(
         f'model {name!r} needs image height and width divisible by 16, got'
         f' {image_shape}.')
-  return VAE(*_MODELS[name](latent_size, image_shape))
+  encoder, decoder = _MODELS[name](latent_size, image_shape)
+  return VAE(encoder.clone(init=init), decoder.clone(init=init))

@@ -776,7 +776,8 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
 
   spec = StepSpec.from_config(config)
   member_rows = sweep.members(config)
-  model = models.get(config.model, config.latent_size, dataset.observation_shape)
+  model = models.get(config.model, config.latent_size, dataset.observation_shape,
+                     config.get('init', 'lecun'))
   mesh = make_mesh(jax.devices()[:config.num_devices or None], config.get('data_shards', 1))
   rows = sweep.padded_size(len(member_rows), config.chunk_size, member_rows_of(mesh))
   primary = jax.process_index() == 0
@@ -957,7 +958,8 @@ def load_member(workdir: str, member: int, step: int | None = None):
   dataset = data.get(config.dataset, config.dataset_path,
                  config.get('dataset_split', 'train'))
   spec = StepSpec.from_config(config)
-  model = models.get(config.model, config.latent_size, dataset.observation_shape)
+  model = models.get(config.model, config.latent_size, dataset.observation_shape,
+                     config.get('init', 'lecun'))
   ids = sweep.chunks(len(member_rows), config.chunk_size)[chunk]
   states, _ = load_chunk(workdir, chunk, ids, member_rows, model, dataset, spec, step)
   state = jax.tree.map(lambda a: a[row], states)

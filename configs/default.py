@@ -45,6 +45,10 @@ def get_config():
   # Model: 'burgess' | 'locatello' | 'mlp'.
   config.model = 'burgess'
   config.latent_size = 10
+  # How parameters start: 'lecun' (Flax's defaults) | 'torch' (PyTorch's) |
+  # 'kaiming' (1Konny/Beta-VAE's). The start of a slow capacity schedule
+  # depends on it (docs/reproduction.md, §1).
+  config.init = 'lecun'
 
   # Objective: 'capacity' (Burgess: rec + gamma·|KL − C|) | 'beta' (rec + beta·KL).
   config.objective = 'capacity'

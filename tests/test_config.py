@@ -79,6 +79,7 @@ BAD = [
     ('c_max', float('nan'), 'finite'),
     ('seed', -1, '>= 0'),
     ('model', 'resnet', "'burgess'"),
+    ('init', 'xavier', "'lecun'"),
     ('objective', 'vae', "'capacity'"),
     ('reconstruction', 'l1', "'bernoulli'"),
     ('dataset', 'mnist', "'dsprites'"),

@@ -263,3 +263,35 @@ def test_conv_models_keep_flax_parameter_names():
   assert [k for k in dec if k.startswith('ConvTranspose')] == [f'ConvTranspose_{i}' for i in range(4)]
   assert enc['Conv_0']['kernel'].shape == (4, 4, 1, 32)
   assert dec['ConvTranspose_3']['kernel'].shape == (4, 4, 32, 1)
+
+
+@pytest.mark.parametrize('init', models.INITS)
+def test_init_schemes_draw_each_layer_at_its_frameworks_scale(init):
+  model = models.get('burgess', 10, (64, 64, 1), init=init)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((2, 64, 64, 1)), jax.random.key(1))
+  checked = 0
+  for part in ('encoder', 'decoder'):
+    for name, layer in params['params'][part].items():
+      w, b = np.asarray(layer['kernel']), np.asarray(layer['bias'])
+      deconv = name.startswith('ConvTranspose')
+      # torch's fan_in: inputs per output unit; a transposed conv's counts outputs.
+      fan_in = 16 * w.shape[-1] if deconv else int(np.prod(w.shape[:-1]))
+      bound = 1 / np.sqrt(fan_in)
+      uniform = init == 'torch' or (init == 'kaiming' and deconv)
+      if uniform:
+        assert np.abs(w).max() <= bound and np.abs(b).max() <= bound
+        want_std = bound / np.sqrt(3)
+        assert np.abs(b).max() > 0.5 * bound or b.size < 8  # biases drawn, not zero
+      else:
+        np.testing.assert_array_equal(b, 0)
+        # LeCun normal (truncated, rescaled to its variance) or N(0, 2/fan_in).
+        want_std = np.sqrt((2.0 if init == 'kaiming' else 1.0) / fan_in)
+      if w.size >= 2000:  # enough draws for a 10% check of the spread
+        assert np.std(w) == pytest.approx(want_std, rel=0.1), (part, name)
+        checked += 1
+  assert checked >= 8
+
+
+def test_unknown_init_is_refused():
+  with pytest.raises(ValueError, match="'lecun'"):
+    models.get('burgess', 10, (64, 64, 1), init='xavier')

@@ -46,6 +46,9 @@ flags.DEFINE_integer('anneal', 25_000, 'Steps over which C rises to c_max.')
 flags.DEFINE_list('learning_rates', ['5e-4', '1e-4'], 'Adam learning rates.')
 flags.DEFINE_list('seeds', ['0', '1'], 'Seeds.')
 flags.DEFINE_integer('heldout', 2000, 'Held-out images for the KL split.')
+flags.DEFINE_enum('init', 'lecun', ['lecun', 'torch', 'kaiming'],
+                  'How parameters start (config.init): Flax\'s, PyTorch\'s or'
+                  ' 1Konny/Beta-VAE\'s defaults.')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -53,6 +56,7 @@ def make_config():
   name = os.path.splitext(os.path.basename(FLAGS.config))[0]
   config = config_lib.sibling(FLAGS.config, name).get_config()
   config.c_anneal_steps = FLAGS.anneal
+  config.init = FLAGS.init
   config.num_steps = FLAGS.steps
   config.checkpoint_every = FLAGS.every
   config.log_every = max(1, FLAGS.every // 4)
@@ -125,7 +129,8 @@ def main(argv):
   out = FLAGS.out or FLAGS.workdir
   os.makedirs(out, exist_ok=True)
   figure(rows, c_of_step).savefig(os.path.join(out, 'stall.png'), dpi=110)
-  result = {'command': ' '.join(sys.argv), 'config': FLAGS.config, 'steps': FLAGS.steps,
+  result = {'command': ' '.join(sys.argv), 'config': FLAGS.config, 'init': FLAGS.init,
+            'steps': FLAGS.steps,
             'c_max': c_max, 'c_anneal_steps': anneal, 'heldout': FLAGS.heldout,
             'seconds': time.perf_counter() - t0, 'train_seconds': train_seconds,
             'rows': rows}
