@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capvae import data, losses, metrics, models, sweep, train
+from capvae import workdir as workdir_lib
 from capvae.metrics import information
 from capvae.data import base
 from capvae.errors import ConfigError
@@ -356,7 +357,7 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
       'members': records,
   }
   if jax.process_index() == 0:
-    train._write_json(os.path.join(workdir, EVAL_FILE), result)
+    workdir_lib.write_json(os.path.join(workdir, EVAL_FILE), result)
   return result
 
 

@@ -9,8 +9,10 @@ This file is intentionally kept short: the logic lives in
 :mod:`capvae.train`, which can be imported and tested on its own.
 """
 
+import difflib
 import logging as pylogging
 import os
+import re
 import sys
 
 from absl import app
@@ -61,9 +63,98 @@ def _quiet_orbax(record) -> bool:
   return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
 
 
+def _fail(message: str):
+  """Reports a bad input as one line and exits with status 2."""
+  print(f'capvae: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_arg(argv) -> str | None:
+  """The value of --config in ``argv`` (its ``:args`` suffix included)."""
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      return a.split('=', 1)[1]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _config_fields(spec: str) -> list[str]:
+  """Every field (dotted) of the config file ``spec`` names; [] if it cannot load."""
+  path, _, arg = spec.partition(':')
+  try:
+    name = os.path.splitext(os.path.basename(path))[0]
+    module = config_lib.sibling(path, name)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return []
+  def walk(d, prefix=''):
+    for k, v in d.items():
+      yield prefix + k
+      if hasattr(v, 'items'):
+        yield from walk(v, f'{prefix}{k}.')
+  return sorted(walk(config))
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with every bad flag or config file reported by
+  :func:`_fail` (one line, exit 2) instead of a traceback."""
+  spec = _config_arg(argv)
+  if spec is not None:
+    path = spec.partition(':')[0]
+    if not os.path.isfile(path):
+      _fail(f'--config {path}: no such file' +
+            (' (it is a directory).' if os.path.isdir(path) else '.'))
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    if len(lines) > 1 and 'Traceback' in str(e):  # the config file raised: its own message
+      _fail(f'--config {spec}: {lines[-1].strip()}')
+    _fail(f'{lines[0] if lines else e}. See --helpfull for the flags.')
+  except SyntaxError as e:
+    _fail(f'--config {e.filename}, line {e.lineno}: {e.msg}.')
+  except (AttributeError, KeyError) as e:
+    # An override of a field the config does not have (--config.gama=3).
+    text = str(e).strip('"\'')
+    field = re.findall(r"'([^']+)'", text)
+    overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv
+                 if a.startswith('--config.')]
+    bad = next((o for o in overrides if field and o.split('.')[-1] == field[0]),
+               overrides[0] if overrides else None)
+    if bad is None:
+      _fail(f'--config {spec}: {type(e).__name__}: {text}')
+    known = _config_fields(spec)
+    near = difflib.get_close_matches(bad, known, n=3, cutoff=0.6)
+    _fail(f'--config.{bad}: the config has no field {bad!r}.'
+          + (f' Did you mean {", ".join(near)}?' if near else '')
+          + (f' Fields: {", ".join(k for k in known if "." not in k)}.' if known else ''))
+  except Exception as e:  # pylint: disable=broad-except  # the config file's own error
+    first = str(e).strip().splitlines()
+    _fail(f'--config {spec}: {type(e).__name__}: {first[0] if first else ""}'
+          + (f' ({first[-1].strip()})' if len(first) > 1 else ''))
+
+
+def _check_workdir_path(path: str, mode: str) -> None:
+  if os.path.exists(path) and not os.path.isdir(path):
+    _fail(f'--workdir {path}: exists and is not a directory.')
+  if mode != 'train':
+    if not os.path.isdir(path):
+      _fail(f'--workdir {path}: no such directory; train a run there first.')
+    return
+  ancestor = os.path.abspath(path)
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    _fail(f'--workdir {path}: cannot be created, {ancestor} is not a directory.')
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    _fail(f'--workdir {path}: {ancestor} is not writable.')
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    _fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are written --name=value).')
+  _check_workdir_path(FLAGS.workdir, FLAGS.mode)
   logging.get_absl_handler().addFilter(_quiet_orbax)
   train.keep_freed_memory()  # before JAX starts its threads
   if FLAGS.coordinator_address:
@@ -89,9 +180,11 @@ def main(argv):
                                  dci_estimator=FLAGS.dci_estimator, seed=FLAGS.eval_seed)
       print(f'wrote {path}')
   except config_lib.ConfigError as e:
-    print(f'capvae: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
+  except OSError as e:  # the workdir or a file it names: missing, read-only, full
+    where = e.filename or FLAGS.workdir
+    _fail(f'{where}: {e.strerror or e}.')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -24,7 +24,6 @@ import base64
 import functools
 import html
 import io
-import json
 import math
 import os
 from typing import Any, Sequence
@@ -38,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from capvae import evaluate, models, train  # noqa: E402
 from capvae import train_state as ts  # noqa: E402
+from capvae import workdir as workdir_lib  # noqa: E402
 from capvae.errors import ConfigError  # noqa: E402
 
 REPORT_DIR = 'report'
@@ -49,11 +49,10 @@ SWEEP_AXES = tuple(h for h in ts.HPARAM_NAMES if h != 'seed')
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, train.METRICS_FILE)
+  path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   if not os.path.exists(path):
     raise ConfigError(f'{path} does not exist: train the run in {workdir} first.')
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return workdir_lib.read_metrics(path)
 
 
 def _member_rows(rows, member: int):

@@ -37,11 +37,11 @@ import orbax.checkpoint as ocp
 
 from capvae import config_lib, data, losses, models, schedules, sweep
 from capvae import train_state as ts
+from capvae import workdir as workdir_lib
 
-METRICS_FILE = 'metrics.jsonl'
-CONFIG_FILE = 'config.json'
-MEMBERS_FILE = 'members.json'
-CHECKPOINT_DIR = 'checkpoints'
+# The workdir's files (capvae.workdir), by their names here too.
+CHECKPOINT_DIR, CONFIG_FILE = workdir_lib.CHECKPOINT_DIR, workdir_lib.CONFIG_FILE
+MEMBERS_FILE, METRICS_FILE = workdir_lib.MEMBERS_FILE, workdir_lib.METRICS_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,31 +494,6 @@ def check_workdir(workdir: str, config) -> dict[str, Any] | None:
   return None
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
-def _truncate_metrics(path: str, member_ids, restored_step: int) -> None:
-  """Drops these members' log rows of steps after their restored checkpoint."""
-  if not os.path.exists(path):
-    return
-  member_ids = set(member_ids)
-  with open(path) as f:
-    rows = [line for line in f if line.strip()]
-  def keep(line):
-    r = json.loads(line)
-    return r['member'] not in member_ids or r['step'] < restored_step
-  kept = [r for r in rows if keep(r)]
-  if len(kept) != len(rows):
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(kept)
-    os.replace(path + '.tmp', path)
-
-
 def _to_python(v):
   """A JSON-ready value; non-finite floats become ``None`` (JSON has no NaN)."""
   v = np.asarray(v)
@@ -645,6 +620,60 @@ def restore_states(mngr, step: int, abstract, num_real: int, mesh):
   return jax.jit(lambda s: relayout(s, num_real, rows), out_shardings=member)(states)
 
 
+CORRUPT_DIR = 'corrupt'
+
+
+def _move_aside(workdir: str, chunk: int, step: int) -> str:
+  """Moves checkpoint ``step`` of ``chunk`` to ``checkpoints/corrupt/chunk_NNN/``
+  (never deleting it); returns where it went."""
+  src = os.path.join(workdir, CHECKPOINT_DIR, f'chunk_{chunk:03d}', str(step))
+  dst_dir = os.path.join(workdir, CHECKPOINT_DIR, CORRUPT_DIR, f'chunk_{chunk:03d}')
+  os.makedirs(dst_dir, exist_ok=True)
+  dst, n = os.path.join(dst_dir, str(step)), 0
+  while os.path.exists(dst):
+    n += 1
+    dst = os.path.join(dst_dir, f'{step}.{n}')
+  os.replace(src, dst)
+  return dst
+
+
+def restore_newest_readable(workdir: str, chunk: int, keep: int, abstract, num_real: int,
+                            mesh):
+  """``(manager, states, step)`` of chunk ``chunk`` from its newest checkpoint
+  that restores; ``(manager, None, 0)`` if it has none.
+
+  A checkpoint that fails to restore (truncated or emptied files, missing
+  metadata) is moved aside to ``checkpoints/corrupt/``, with a warning, once an
+  older one has restored; if none restores, nothing is moved and the run is
+  refused with :class:`ConfigError`.
+  """
+  mngr = _manager(workdir, chunk, keep)
+  failed = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      states = restore_states(mngr, step, abstract, num_real, mesh)
+    except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore, json
+      failed.append((step, f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'))
+      continue
+    if failed:
+      mngr.close()
+      for bad, why in failed:
+        where = _move_aside(workdir, chunk, bad) if jax.process_index() == 0 else '?'
+        logging.warning('Chunk %d: checkpoint %d could not be read (%s); moved it to %s and'
+                        ' resumed from step %d.', chunk, bad, why[:300], where, step)
+      _barrier(f'capvae:corrupt:{chunk}')
+      mngr = _manager(workdir, chunk, keep)
+    return mngr, states, step
+  if failed:
+    mngr.close()
+    raise config_lib.ConfigError(
+        f'{os.path.join(workdir, CHECKPOINT_DIR, f"chunk_{chunk:03d}")}: no checkpoint'
+        f' could be read (steps {", ".join(str(s) for s, _ in failed)}; the newest failed'
+        f' with {failed[0][1][:300]}). Nothing was moved or deleted. Check the files (a'
+        ' full disk? a partial copy?), or train in a new --workdir.')
+  return mngr, None, 0
+
+
 def build_program(model, spec: StepSpec, dataset, mesh, member_loop: str):
   """``(init, train_step, dataset)`` placed on ``mesh``: what a run executes.
 
@@ -766,7 +795,7 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   dataset = data.get(config.dataset, config.dataset_path,
                  config.get('dataset_split', 'train'))
   config_lib.check_against_dataset(config, dataset)
-  check_workdir(workdir, config)
+  resuming = check_workdir(workdir, config) is not None
   config_lib.check_devices(config, len(jax.devices()), jax.process_count())
   streamed = getattr(dataset, 'streamed', False)
   if streamed and jax.process_count() > 1:
@@ -782,11 +811,18 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   rows = sweep.padded_size(len(member_rows), config.chunk_size, member_rows_of(mesh))
   primary = jax.process_index() == 0
 
-  if primary:
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, CONFIG_FILE), _config_dict(config))
-    _write_json(os.path.join(workdir, MEMBERS_FILE), member_rows)
-  _barrier('capvae:workdir')
+  def write_config():
+    if primary:
+      os.makedirs(workdir, exist_ok=True)
+      workdir_lib.write_json(os.path.join(workdir, CONFIG_FILE), _config_dict(config))
+      workdir_lib.write_json(os.path.join(workdir, MEMBERS_FILE), member_rows)
+    _barrier('capvae:workdir')
+
+  # A new run writes its config first (a workdir with checkpoints but no config
+  # is refused); a resumed one rewrites it (new bookkeeping values) only once
+  # its first checkpoint has been restored.
+  if not resuming:
+    write_config()
 
   stream = dataset if streamed else None
   if streamed:  # the step sees one batch at a time; compile with step 0's
@@ -802,18 +838,18 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   for chunk, ids in enumerate(sweep.chunks(len(member_rows), config.chunk_size)):
     chunk_rows = [member_rows[i] for i in ids]
     hparams = sweep.stack(sweep.pad(chunk_rows, rows))
-    mngr = _manager(workdir, chunk, config.keep_checkpoints)
+    mngr, states, step = restore_newest_readable(
+        workdir, chunk, config.keep_checkpoints, jax.eval_shape(init, hparams),
+        len(chunk_rows), mesh)
     try:
-      latest = mngr.latest_step()
-      if latest is None:
+      if states is None:
         states, step = init(hparams), 0
       else:
-        states = restore_states(mngr, latest, jax.eval_shape(init, hparams),
-                                len(chunk_rows), mesh)
-        step = latest
-        logging.info('Chunk %d: resumed at step %d.', chunk, latest)
+        logging.info('Chunk %d: resumed at step %d.', chunk, step)
+      if resuming and chunk == 0:
+        write_config()
       if primary:
-        _truncate_metrics(metrics_path, ids, step)
+        workdir_lib.truncate_metrics(metrics_path, ids, step)
       _barrier(f'capvae:chunk{chunk}:{step}')
       if step >= config.num_steps:
         logging.info('Chunk %d: nothing to do (step %d >= num_steps %d).', chunk,
@@ -881,7 +917,7 @@ def _train_chunk(config, compiled, states, dataset, step, mngr, chunk_rows,
           raise FloatingPointError(
               f'Every member diverged (member(s) {[r["member"] for r in rows]},'
               f' by step {logged}); nothing is saved past the last checkpoint.')
-        if log is not None:
+        if log is not None and log_now:  # a stop off the log grid adds no row
           for row in rows:
             log.write(json.dumps(row) + '\n')
           log.flush()
@@ -985,9 +1021,9 @@ def extract_member(workdir: str, member: int, out: str, step: int | None = None)
   config.chunk_size = 0
   saved_step = int(state.step)
   os.makedirs(out)
-  _write_json(os.path.join(out, CONFIG_FILE), _config_dict(config))
-  _write_json(os.path.join(out, MEMBERS_FILE), [dict(row, member=0)])
-  _write_json(os.path.join(out, 'extracted_from.json'),
+  workdir_lib.write_json(os.path.join(out, CONFIG_FILE), _config_dict(config))
+  workdir_lib.write_json(os.path.join(out, MEMBERS_FILE), [dict(row, member=0)])
+  workdir_lib.write_json(os.path.join(out, 'extracted_from.json'),
               {'workdir': os.path.abspath(workdir), 'member': member, 'step': saved_step})
   mngr = _manager(out, 0)
   try:
