@@ -17,8 +17,10 @@ both seeds tried, and a PyTorch twin of the model). At 1e-4,
 disentanglement_lib's rate for the same objective, the first two latents to
 take capacity encode posY and posX, one factor each
 (``docs/reproduction.md``; ``experiments/reproduce/stall.py``). The start is
-fragile: the PyTorch twin, with PyTorch's default initialisation, collapses at
-1e-4 too. Check ``kl_parts`` in ``eval.json``: a spread near 0 means collapse. With C raised
+fragile, and the initialisation decides it: with PyTorch's default
+(``config.init='torch'``) capvae collapses at 1e-4 too, and with
+1Konny/Beta-VAE's larger one (``'kaiming'``) it learns at 5e-4 as well (one
+seed measured). Check ``kl_parts`` in ``eval.json``: a spread near 0 means collapse. With C raised
 four times faster than here (25,000 steps), no third latent switched on by
 C = 25: the position latents absorbed the rest of the capacity. Whether this
 schedule opens scale, shape and orientation is the open question on that page.
