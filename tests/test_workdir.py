@@ -181,3 +181,31 @@ def test_a_read_only_workdir_is_refused(tmp_path):
   finally:
     os.chmod(path, 0o755)
   assert proc.returncode == 2 and 'capvae: error:' in err and 'Traceback' not in err, err[-2000:]
+
+
+def test_sigkill_during_a_checkpoint_save_resumes_bitwise(tmp_path, reference):
+  """kill -9 while orbax writes a checkpoint (saving every step, the kill lands
+  in a save); the rerun equals the uninterrupted run, parameters and log."""
+  import signal
+  import time
+  path = str(tmp_path / 'run')
+  chunk = os.path.join(path, 'checkpoints', 'chunk_000')
+  proc = _cli('--config', 'configs/test.py', '--workdir', path, '--config.num_steps=100000',
+              '--config.checkpoint_every=1', '--config.log_every=1')
+  deadline, in_save = time.time() + 240, False
+  while time.time() < deadline and proc.poll() is None:
+    names = os.listdir(chunk) if os.path.isdir(chunk) else []
+    done = [int(n) for n in names if n.isdigit()]  # at most keep_checkpoints of them
+    if done and max(done) >= 3 and any('tmp' in n for n in names):
+      proc.send_signal(signal.SIGKILL)
+      in_save = True
+      break
+  if not in_save:
+    proc.kill()
+  out, err = proc.communicate(timeout=60)
+  assert in_save, ('the run never showed a checkpoint being written', err[-2000:])
+  assert max(_steps(path)) < 8  # the rerun has steps left to train
+  states = _train(path, 8)
+  for x, y in zip(jax.tree.leaves(reference[0]), jax.tree.leaves(states)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert _rows(path) == reference[1]
