@@ -183,7 +183,8 @@ def main(argv):
     _fail(str(e))
   except OSError as e:  # the workdir or a file it names: missing, read-only, full
     where = e.filename or FLAGS.workdir
-    _fail(f'{where}: {e.strerror or e}.')
+    _fail(f'{where}: {e.strerror or e}; capvae could not read or write it. Check the'
+          ' path and its permissions, or choose another --workdir.')
 
 
 if __name__ == '__main__':

@@ -970,8 +970,15 @@ def load_chunk(workdir: str, chunk: int, ids, member_rows, model, dataset,
     abstract = jax.eval_shape(
         lambda h: init_states(model, h, dataset.observation_shape, spec), hparams)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    states = mngr.restore(step, args=ocp.args.StandardRestore(
-        _with_sharding(abstract, _saved_rows(mngr, step), one)))
+    try:
+      states = mngr.restore(step, args=ocp.args.StandardRestore(
+          _with_sharding(abstract, _saved_rows(mngr, step), one)))
+    except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore, json
+      raise config_lib.ConfigError(
+          f'{workdir}: checkpoint {step} of chunk {chunk} could not be read'
+          f' ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}).'
+          ' Rerun training in this workdir to move it aside and resume from an older'
+          ' one.') from None
   finally:
     mngr.close()
   return states, step

@@ -99,6 +99,10 @@ def test_no_readable_checkpoint_is_refused_and_nothing_is_touched(tmp_path):
   assert not os.path.exists(os.path.join(path, 'checkpoints', 'corrupt'))
   # config.json (which a resume with a new num_steps rewrites) and the log are untouched.
   assert before == {p: open(p, 'rb').read() for p in before}
+  # Evaluation names the unreadable checkpoint instead of a traceback.
+  from capvae import evaluate  # pylint: disable=g-import-not-at-top
+  with pytest.raises(config_lib.ConfigError, match='checkpoint 6 of chunk 0 could not be read'):
+    evaluate.RunMembers(path)
 
 
 def test_a_torn_last_log_line_is_dropped_on_resume_and_skipped_by_readers(tmp_path, reference,
@@ -159,6 +163,8 @@ def test_bad_paths_config_files_and_flags_exit_2_with_one_line(tmp_path):
       'workdir under a file': (['--config', 'configs/test.py', '--workdir',
                                 str(a_file / 'run')], 'is not a directory'),
       'report of nothing': (['--mode=report', '--workdir', new], 'no such directory'),
+      'workdir cannot be made': (['--config', 'configs/test.py', '--workdir',
+                                  '/proc/capvae_test_run'], 'could not read or write it'),
   }
   procs = {name: _cli(*args) for name, (args, _) in cases.items()}
   for name, proc in procs.items():
