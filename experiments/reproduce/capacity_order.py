@@ -88,7 +88,8 @@ def main(argv):
       os.path.join(out, f'{FLAGS.name}_kl_latents.png'), dpi=110)
   summary = {'workdir': workdir, 'step': result['step'], 'threshold': FLAGS.threshold,
              'metrics': record['metrics'], 'kl': record['kl'], 'rec': record['rec'],
-             'kl_parts': record.get('kl_parts'), 'order': order}
+             'kl_parts': record.get('kl_parts'), 'information': record.get('information'),
+             'order': order}
   with open(os.path.join(out, f'{FLAGS.name}_order.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   print(f'{"latent":>6} {"factor":>12} {"MI/H":>5} {"on at step":>10} {"C then":>6}'
@@ -98,6 +99,11 @@ def main(argv):
     print(f"{'z%d' % o['latent']:>6} {o['factor']:>12} {o['normalized_mi']:5.2f} {on:>17}"
           f" {o['final_kl']:8.2f}")
   print('metrics: ' + ', '.join(f'{k} {v:.3f}' for k, v in record['metrics'].items()))
+  info = record.get('information')
+  if info:
+    print(f"KL {record['kl']:.2f} nats, of which I(x; z) {info['mi']:.2f} ± {info['mi_stderr']:.2f}"
+          f" (at most ln {info['num_images']} = {info['bound']:.2f}); per latent: "
+          + ', '.join(f'z{j} {v:.2f}' for j, v in enumerate(info['per_latent']) if v > 0.05))
 
 
 if __name__ == '__main__':
