@@ -7,9 +7,9 @@ Reads an evaluated sweep (``eval.json`` from ``python -m capvae.main
 --mode=evaluate``; e.g. ``configs/locatello_grid.py``), finds the swept
 hyperparameter other than the seed, and writes
 
-* ``NAME_scores.png``: every headline metric, the held-out reconstruction and
-  KL against that hyperparameter: one dot per member (colour = seed), the
-  mean over seeds as a line;
+* ``NAME_scores.png``: every headline metric, the held-out reconstruction,
+  KL (and its spread and offset) and I(x; z) against that hyperparameter: one
+  dot per member (colour = seed), the mean over seeds as a line;
 * ``NAME_grid.json``: per metric, each setting's values and mean, and the
   comparison the study is known for: how far scores move between seeds of one
   setting against how far the settings' means move apart;
@@ -48,7 +48,8 @@ flags.DEFINE_string('name', 'grid', 'Prefix of the output files.')
 
 # What each panel shows, beside evaluate.HEADLINE's metrics.
 EXTRA = {'rec': 'held-out rec (nats)', 'kl': 'held-out KL (nats)',
-         'kl_spread': 'KL spread, ½ Var μ (nats)'}
+         'kl_spread': 'KL spread, ½ Var μ (nats)', 'kl_offset': 'KL offset, ½ E[μ]² (nats)',
+         'information': 'I(x; z) (nats)'}
 
 
 def member_values(record: Mapping[str, Any]) -> dict[str, float]:
@@ -58,6 +59,9 @@ def member_values(record: Mapping[str, Any]) -> dict[str, float]:
   out['kl'] = float(record['kl'])
   if record.get('kl_parts'):
     out['kl_spread'] = float(record['kl_parts']['spread'])
+    out['kl_offset'] = float(record['kl_parts']['offset'])
+  if record.get('information'):
+    out['information'] = float(record['information']['mi'])
   return out
 
 
