@@ -140,7 +140,8 @@ def _check_workdir_path(path: str, mode: str) -> None:
     _fail(f'--workdir {path}: exists and is not a directory.')
   if mode != 'train':
     if not os.path.isdir(path):
-      _fail(f'--workdir {path}: no such directory; train a run there first.')
+      _fail(f'--workdir {path}: no such directory, so not a capvae workdir; train a run'
+            ' there first.')
     return
   ancestor = os.path.abspath(path)
   while not os.path.exists(ancestor):
