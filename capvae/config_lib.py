@@ -69,6 +69,7 @@ NUMBER_RULES = {
     'adam_b2': dict(lo=0.0, hi_open=1),
     'adam_eps': dict(lo=0.0, lo_open=True),
     'c_anneal_steps': dict(lo=0, lo_open=True, integer=True),
+    'c_stair_steps': dict(lo=0, lo_open=True, integer=True),
     'latent_size': dict(lo=0, lo_open=True, integer=True),
     'batch_size': dict(lo=0, lo_open=True, integer=True),
     'num_steps': dict(lo=0, lo_open=True, integer=True),
@@ -110,6 +111,8 @@ def validate(config) -> None:
   if not isinstance(_get(config, 'beta_norm'), bool):
     raise ConfigError('config.beta_norm must be True or False.')
   for name, rule in NUMBER_RULES.items():
+    if name in LATER_FIELDS and name not in config:
+      continue  # a config saved before the field existed: it used LATER_FIELDS[name]
     _number(config, name, **rule)
   micro = config.get('microbatch_size', 0)
   _check_number('config.microbatch_size', micro, lo=0, integer=True)
@@ -202,7 +205,7 @@ def check_against_dataset(config, dataset) -> None:
 
 # Fields added after runs were saved without them, and the value such runs used.
 LATER_FIELDS = {'dataset_split': 'train', 'microbatch_size': 0, 'data_shards': 1,
-                'init': 'lecun'}
+                'init': 'lecun', **train_state.LATER_HPARAMS}
 
 
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:

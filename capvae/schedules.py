@@ -67,6 +67,31 @@ def cosine(c_max: Any, anneal_steps: Any) -> Schedule:
   return schedule
 
 
+def staircase(c_max: Any, anneal_steps: Any, stair_steps: Any = 1) -> Schedule:
+  """``linear`` raised in stairs: C is held for ``stair_steps`` steps, then raised.
+
+  ``C(step) = linear(c_max, anneal_steps)(stair_steps · floor(step / stair_steps))``:
+  what a Keras callback that sets C at the start of every epoch of
+  ``stair_steps`` batches gives (when C lives in a variable the graph reads;
+  a Python float is captured once at tracing and never changes). With
+  ``stair_steps = 1`` it is ``linear`` exactly.
+
+  Args:
+    c_max: final capacity in nats (>= 0).
+    anneal_steps: steps to go from 0 to ``c_max`` (> 0).
+    stair_steps: steps C is held at each value (> 0; e.g. an epoch's batches).
+  """
+  _check_concrete('c_stair_steps', stair_steps, positive=True)
+  ramp = linear(c_max, anneal_steps)
+
+  def schedule(step):
+    stair = jnp.asarray(stair_steps, jnp.int32)
+    step = jnp.asarray(step, jnp.int32)
+    return ramp((step // stair) * stair)
+
+  return schedule
+
+
 def constant(c_max: Any, anneal_steps: Any = 1) -> Schedule:
   """``C(step) = c_max`` at every step (``anneal_steps`` is ignored)."""
   del anneal_steps
@@ -82,12 +107,18 @@ SCHEDULES: dict[str, Callable[[Any, Any], Schedule]] = {
     'linear': linear,
     'cosine': cosine,
     'constant': constant,
+    'staircase': staircase,
 }
 
 
-def get(name: str, c_max: Any, anneal_steps: Any) -> Schedule:
-  """Builds the schedule called ``name``; see ``SCHEDULES``."""
+def get(name: str, c_max: Any, anneal_steps: Any, stair_steps: Any = 1) -> Schedule:
+  """Builds the schedule called ``name``; see ``SCHEDULES``.
+
+  ``stair_steps`` is used by ``staircase`` only.
+  """
   if name not in SCHEDULES:
     raise ValueError(
         f'schedule {name!r} is unknown; allowed: {sorted(SCHEDULES)}.')
+  if name == 'staircase':
+    return staircase(c_max, anneal_steps, stair_steps)
   return SCHEDULES[name](c_max, anneal_steps)

@@ -42,7 +42,9 @@ def _cast(name, value):
 
 def members(config) -> list[Row]:
   """The member table of ``config``: one row per member, ids ``0 … M-1``."""
-  base = {name: _cast(name, config[name]) for name in train_state.HPARAM_NAMES}
+  base = {name: _cast(name, config[name] if name in config
+                      else train_state.LATER_HPARAMS[name])
+          for name in train_state.HPARAM_NAMES}
   spec = config.get('sweep') or {}
   axes = []
   for name, values in sorted((spec.get('product') or {}).items()):
@@ -95,5 +97,6 @@ def stack(rows: Sequence[Row]) -> train_state.Hparams:
   cols = {}
   for name in train_state.HPARAM_NAMES:
     dtype = np.int32 if name in train_state.INT_HPARAMS else np.float32
-    cols[name] = np.asarray([r[name] for r in rows], dtype)
+    cols[name] = np.asarray([r.get(name, train_state.LATER_HPARAMS.get(name)) for r in rows],
+                            dtype)
   return train_state.Hparams(**cols)

@@ -90,7 +90,8 @@ def objective(spec: StepSpec, hparams: ts.Hparams, step, rec, kl, input_size: in
   if spec.objective == 'beta':
     return losses.beta_objective(rec, kl, hparams.beta, normalized=spec.beta_norm,
                                  input_size=input_size)
-  c = schedules.get(spec.schedule, hparams.c_max, hparams.c_anneal_steps)(step)
+  c = schedules.get(spec.schedule, hparams.c_max, hparams.c_anneal_steps,
+                    hparams.c_stair_steps)(step)
   return losses.capacity_objective(rec, kl, hparams.gamma, c,
                                    penalty=spec.capacity_penalty)
 
@@ -591,6 +592,25 @@ def _saved_rows(mngr, step: int) -> int:
   return int(getattr(meta, 'tree', meta)['step'].shape[0])
 
 
+def _restore(mngr, step: int, target):
+  """``mngr.restore`` into ``target``. A checkpoint saved before a hyperparameter
+  of :data:`train_state.LATER_HPARAMS` existed is read without it, and the
+  field is filled with the value such runs used."""
+  meta = mngr.item_metadata(step)
+  saved = getattr(meta, 'tree', meta)['hparams']
+  missing = [k for k in ts.LATER_HPARAMS if k not in saved]
+  if not missing:
+    return mngr.restore(step, args=ocp.args.StandardRestore(target))
+  fields = {k: getattr(target.hparams, k) for k in ts.HPARAM_NAMES if k not in missing}
+  states = mngr.restore(step, args=ocp.args.StandardRestore(target.replace(hparams=fields)))
+  for k in missing:
+    a = getattr(target.hparams, k)
+    fields = dict(states.hparams)
+    fields[k] = jax.device_put(np.full(a.shape, ts.LATER_HPARAMS[k], a.dtype), a.sharding)
+    states = states.replace(hparams=fields)
+  return states.replace(hparams=ts.Hparams(**states.hparams))
+
+
 def _with_sharding(abstract, rows: int, sharding):
   return jax.tree.map(
       lambda a: jax.ShapeDtypeStruct((rows, *a.shape[1:]), a.dtype, sharding=sharding),
@@ -612,11 +632,9 @@ def restore_states(mngr, step: int, abstract, num_real: int, mesh):
   rows = jax.tree.leaves(abstract)[0].shape[0]
   saved = _saved_rows(mngr, step)
   if saved == rows:
-    return mngr.restore(step, args=ocp.args.StandardRestore(
-        _with_sharding(abstract, rows, member)))
+    return _restore(mngr, step, _with_sharding(abstract, rows, member))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  states = mngr.restore(step, args=ocp.args.StandardRestore(
-      _with_sharding(abstract, saved, replicated)))
+  states = _restore(mngr, step, _with_sharding(abstract, saved, replicated))
   return jax.jit(lambda s: relayout(s, num_real, rows), out_shardings=member)(states)
 
 
@@ -971,8 +989,7 @@ def load_chunk(workdir: str, chunk: int, ids, member_rows, model, dataset,
         lambda h: init_states(model, h, dataset.observation_shape, spec), hparams)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     try:
-      states = mngr.restore(step, args=ocp.args.StandardRestore(
-          _with_sharding(abstract, _saved_rows(mngr, step), one)))
+      states = _restore(mngr, step, _with_sharding(abstract, _saved_rows(mngr, step), one))
     except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore, json
       raise config_lib.ConfigError(
           f'{workdir}: checkpoint {step} of chunk {chunk} could not be read'

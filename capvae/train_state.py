@@ -21,8 +21,11 @@ from capvae import schedules
 
 # Scalars that may differ between members of one program (traced).
 HPARAM_NAMES = ('beta', 'gamma', 'c_max', 'c_anneal_steps', 'learning_rate',
-                'gaussian_variance', 'seed')
-INT_HPARAMS = frozenset({'c_anneal_steps', 'seed'})
+                'gaussian_variance', 'seed', 'c_stair_steps')
+INT_HPARAMS = frozenset({'c_anneal_steps', 'seed', 'c_stair_steps'})
+# Hyperparameters added after runs were saved without them, and the value those
+# runs used: their member tables and checkpoints get it on load.
+LATER_HPARAMS = {'c_stair_steps': 1}
 
 
 class Hparams(struct.PyTreeNode):
@@ -34,6 +37,7 @@ class Hparams(struct.PyTreeNode):
   learning_rate: jax.Array
   gaussian_variance: jax.Array
   seed: jax.Array
+  c_stair_steps: jax.Array
 
 
 class TrainState(struct.PyTreeNode):
@@ -53,8 +57,8 @@ class TrainState(struct.PyTreeNode):
 
   def capacity(self, schedule: str) -> jax.Array:
     """C at this state's step under the named schedule."""
-    return schedules.get(schedule, self.hparams.c_max,
-                         self.hparams.c_anneal_steps)(self.step)
+    return schedules.get(schedule, self.hparams.c_max, self.hparams.c_anneal_steps,
+                         self.hparams.c_stair_steps)(self.step)
 
 
 def make_optimizer(learning_rate, *, b1=0.9, b2=0.999, eps=1e-8):

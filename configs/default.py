@@ -57,11 +57,13 @@ def get_config():
   config.gaussian_variance = 1.0
   # 'abs': |mean KL − C| (paper) | 'abs_per_example': mean |KL − C| | 'squared'.
   config.capacity_penalty = 'abs'
-  # Capacity schedule: 'linear' | 'cosine' | 'constant'.
+  # Capacity schedule: 'linear' | 'cosine' | 'constant' | 'staircase' (linear,
+  # but C held for c_stair_steps steps at a time, as a per-epoch callback sets it).
   config.schedule = 'linear'
   config.gamma = 1000.0
   config.c_max = 4.0
   config.c_anneal_steps = 4000
+  config.c_stair_steps = 1
   # beta objective only: beta, and whether to use the normalised form
   # rec/N + beta_norm·KL/M (beta_norm = beta·M/N).
   config.beta = 1.0

@@ -14,7 +14,7 @@ import os
 import sys
 
 HPARAMS = ('beta', 'gamma', 'c_max', 'c_anneal_steps', 'learning_rate',
-           'gaussian_variance', 'seed')
+           'gaussian_variance', 'seed', 'c_stair_steps')
 
 
 def _f(v, spec):
