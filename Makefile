@@ -10,7 +10,7 @@ EVAL_FLAGS ?=
 # XLA compiles); TEST_WORKERS=auto takes one per core, TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 
-.PHONY: install train sweep report bench bench-step test clean
+.PHONY: install train sweep report answer bench bench-step test clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ sweep: install
 ## For the sweep: make report WORKDIR=runs/capacity_sweep. EVAL_FLAGS passes e.g. --eval_scale=0.1.
 report: install
 	$(BIN)/python -m capvae.main --mode=report --workdir $(WORKDIR) $(EVAL_FLAGS)
+
+## answer: every experiment behind docs/question.md (experiments/question/), offline;
+## figures and numbers go to docs/figures/question, runs to runs/question (resumed if there).
+answer: install
+	$(BIN)/python experiments/question/answer.py --workdir runs/question --out docs/figures/question
 
 ## bench: sweep throughput for M = 1, 4, 16, 64 members against the single-member program.
 bench: install
