@@ -264,7 +264,9 @@ CAPACITY_PENALTIES: dict[str, Callable[[Array, Any], Array]] = {
     'abs': _abs_batch,
     # mean_b |KL_b - C|: pythae. Pulls every example's KL to C, not the mean.
     'abs_per_example': _abs_per_example,
-    # (mean_b KL_b - C)^2: smooth near C, weak far from it.
+    # (mean_b KL_b - C)^2: gradient 2·gamma·(KL - C), weaker than 'abs' only
+    # within half a nat of C. Never holds KL at C: its optimum sits above C by
+    # |d rec / d KL| / (2·gamma).
     'squared': _squared,
 }
 

@@ -225,3 +225,84 @@ def test_objectives_return_named_aux_with_per_latent_kl():
 def test_unknown_penalty_is_refused():
   with pytest.raises(ValueError, match="allowed"):
     losses.capacity_objective(jnp.zeros(2), jnp.zeros((2, 3)), 1.0, 1.0, penalty='l1')
+
+
+@pytest.mark.parametrize('gap', [-10.0, -2.0, -0.5, -0.1, 0.1, 0.5, 2.0, 10.0])
+def test_squared_penalty_gradient_against_the_absolute_ones(gap):
+  # d/dKL of gamma·(KL − C)² is 2·gamma·(KL − C); of gamma·|KL − C|, gamma·sign.
+  # So the squared pull is the weaker one only within half a nat of C, equal at
+  # exactly half a nat, and 20 times the absolute one ten nats away.
+  gamma, c = 7.0, 3.0
+  kl_of = lambda k: jnp.full((4, 1), k)  # four examples, one latent, KL = k each
+
+  def grad(penalty):
+    f = lambda k: losses.capacity_objective(jnp.zeros(4), kl_of(k), gamma, c,
+                                            penalty=penalty)[0]
+    return float(jax.grad(f)(c + gap))
+
+  g_sq, g_abs = grad('squared'), grad('abs')
+  assert g_sq == pytest.approx(2 * gamma * gap, rel=1e-5)
+  assert g_abs == pytest.approx(gamma * np.sign(gap), rel=1e-6)
+  assert g_sq / g_abs == pytest.approx(2 * abs(gap), rel=1e-5)
+  assert (abs(g_sq) < abs(g_abs)) == (abs(gap) < 0.5)
+
+
+def _gaussian_channel(objective_fn, steps=6000, lr=3e-3):
+  """Adam on a linear-Gaussian VAE with closed-form expectations.
+
+  x ~ N(0, 1), q(z|x) = N(a·x, s²), p(x|z) = N(b·z, v): the expected
+  reconstruction is ((1 − a·b)² + b²·s²) / (2v) (+ a constant) and the expected
+  KL 0.5·(a² + s² − 1 − ln s²). Its rate–distortion curve is the Gaussian's,
+  rec(KL) = exp(−2·KL) / (2v), so |d rec / d KL| = exp(−2·KL) / v. Returns the
+  KL averaged over the last 500 steps.
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+
+  def parts(p):
+    a, log_s, b = p
+    s2 = jnp.exp(2 * log_s)
+    rec = ((1 - a * b) ** 2 + b * b * s2) / (2 * V)
+    kl = 0.5 * (a * a + s2 - 1 - 2 * log_s)
+    return rec[None], kl[None, None]
+
+  tx = optax.adam(lr)
+  p0 = jnp.asarray([0.1, 0.0, 0.1])
+
+  def step(carry, _):
+    p, opt = carry
+    g = jax.grad(lambda q: objective_fn(*parts(q))[0])(p)
+    updates, opt = tx.update(g, opt)
+    p = optax.apply_updates(p, updates)
+    return (p, opt), parts(p)[1][0, 0]
+
+  _, kls = jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), None, length=steps))(p0)
+  return float(jnp.mean(kls[-500:]))
+
+
+V = 0.01
+
+
+def test_exact_penalty_condition_gamma_below_threshold_runs_past_c():
+  # At C = 1 nat the threshold is |d rec / d KL| = exp(−2)/v = 13.5. Above it,
+  # gamma·|KL − C| holds KL at C; below it, KL settles where exp(−2·KL)/v =
+  # gamma, as a beta-VAE with beta = gamma does.
+  c = 1.0
+  threshold = np.exp(-2 * c) / V
+  assert 13 < threshold < 14
+  for gamma in (50.0, 200.0):
+    kl = _gaussian_channel(lambda r, k, g=gamma: losses.capacity_objective(r, k, g, c))
+    assert abs(kl - c) < 0.01, (gamma, kl)
+  for gamma in (2.0, 5.0):
+    kl = _gaussian_channel(lambda r, k, g=gamma: losses.capacity_objective(r, k, g, c))
+    expected = 0.5 * np.log(1 / (V * gamma))  # where |d rec / d KL| = gamma
+    assert kl > c + 0.3, (gamma, kl)
+    assert kl == pytest.approx(expected, abs=0.02)
+    beta_kl = _gaussian_channel(lambda r, k, g=gamma: losses.beta_objective(r, k, g))
+    assert kl == pytest.approx(beta_kl, abs=0.02)
+  # The squared penalty never holds KL at C: its optimum sits above C by
+  # |d rec / d KL| / (2·gamma) (here solved with the slope at the optimum).
+  gamma = 50.0
+  kl = _gaussian_channel(lambda r, k: losses.capacity_objective(r, k, gamma, c,
+                                                                penalty='squared'))
+  assert kl - c == pytest.approx(np.exp(-2 * kl) / V / (2 * gamma), rel=0.05)
+  assert kl - c > 0.05
