@@ -215,3 +215,52 @@ def test_sigkill_during_a_checkpoint_save_resumes_bitwise(tmp_path, reference):
   for x, y in zip(jax.tree.leaves(reference[0]), jax.tree.leaves(states)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert _rows(path) == reference[1]
+
+
+def _as_saved_before_stairs(path):
+  """Rewrites a workdir as a run saved before config.c_stair_steps existed:
+  config, member table, log and every checkpoint without the field."""
+  for name in ('config.json', 'members.json'):
+    p = os.path.join(path, name)
+    with open(p) as f:
+      obj = json.load(f)
+    for item in obj if isinstance(obj, list) else [obj]:
+      del item['c_stair_steps']
+    workdir.write_json(p, obj)
+  rows = workdir.read_metrics(os.path.join(path, 'metrics.jsonl'))
+  with open(os.path.join(path, 'metrics.jsonl'), 'w') as f:
+    for r in rows:
+      f.write(json.dumps({k: v for k, v in r.items() if k != 'c_stair_steps'}) + '\n')
+  chunk = os.path.join(path, 'checkpoints', 'chunk_000')
+  old = ocp.CheckpointManager(chunk, item_handlers=ocp.StandardCheckpointHandler())
+  steps = old.all_steps()
+  states = {s: old.restore(s) for s in steps}
+  old.close()
+  new_dir = chunk + '.old'
+  new = ocp.CheckpointManager(new_dir, item_handlers=ocp.StandardCheckpointHandler())
+  for s in steps:
+    tree = dict(states[s])
+    tree['hparams'] = {k: v for k, v in tree['hparams'].items() if k != 'c_stair_steps'}
+    new.save(s, args=ocp.args.StandardSave(tree))
+  new.wait_until_finished()
+  new.close()
+  os.rename(chunk, chunk + '.new')
+  os.rename(new_dir, chunk)
+  meta = ocp.CheckpointManager(
+      chunk, item_handlers=ocp.StandardCheckpointHandler()).item_metadata(steps[-1])
+  assert 'c_stair_steps' not in getattr(meta, 'tree', meta)['hparams']
+
+
+def test_a_run_saved_before_c_stair_steps_existed_resumes_bitwise(tmp_path, reference):
+  path = str(tmp_path / 'run')
+  _train(path, 6)
+  _as_saved_before_stairs(path)
+  # Evaluation's loader reads it (the field gets the value such runs used) ...
+  _, _, state, row = train.load_member(path, 0)
+  assert int(state.hparams.c_stair_steps) == 1 and 'c_stair_steps' not in row
+  # ... and training resumes it bitwise as the uninterrupted run.
+  states = _train(path, 8)
+  for x, y in zip(jax.tree.leaves(reference[0]), jax.tree.leaves(states)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  strip = lambda rows: [{k: v for k, v in r.items() if k != 'c_stair_steps'} for r in rows]
+  assert strip(_rows(path)) == strip(reference[1])
