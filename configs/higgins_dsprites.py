@@ -2,6 +2,9 @@ r"""Higgins et al. 2017 beta-VAE on dSprites: beta = 4, MLP 1200-1200.
 
   python -m capvae.main --config configs/higgins_dsprites.py \
       --workdir runs/higgins_dsprites
+  # the paper's comparison, beta 4 against a plain VAE (beta 1), × N seeds:
+  python -m capvae.main --config configs/higgins_dsprites.py:compare,seeds=2 \
+      --workdir runs/higgins_compare
 
 The MLP encoder (1200-1200 ReLU) and decoder (1200-1200-1200 tanh, Bernoulli
 logits), 10 latents, beta = 4 on the summed KL against the summed
@@ -17,7 +20,16 @@ from capvae import config_lib
 default = config_lib.sibling(__file__, 'default')
 
 
-def get_config():
+def get_config(arg: str = ''):
+  parts = [p.strip() for p in arg.split(',')] if arg else []
+  seeds = None
+  if parts:
+    extra = [p for p in parts[1:] if not (p.startswith('seeds=') and p[6:].isdigit()
+                                         and int(p[6:]) >= 1)]
+    if parts[0] != 'compare' or extra:
+      raise ValueError(f'configs/higgins_dsprites.py:{arg!r}: allowed are no argument'
+                       ' (one beta = 4 run) or compare[,seeds=N] (beta 1 and 4 × N seeds).')
+    seeds = int(parts[1][6:]) if len(parts) > 1 else 1
   config = default.get_config()
   config.model = 'mlp'
   config.objective = 'beta'
@@ -28,4 +40,6 @@ def get_config():
   config.log_every = 1000
   config.checkpoint_every = 10_000
   config.keep_checkpoints = 3
+  if seeds is not None:
+    config.sweep.product = dict(beta=[1.0, 4.0], seed=list(range(seeds)))
   return config
