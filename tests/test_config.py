@@ -11,7 +11,7 @@ import pytest
 
 from capvae import config_lib, train
 from capvae.errors import ConfigError
-from conftest import ROOT, load_config
+from conftest import CONFIGS, ROOT, load_config
 
 
 @contextlib.contextmanager
@@ -45,6 +45,14 @@ def test_paper_settings():
       1e-4, 64, 'linear', 'abs')  # 5e-4 collapses: docs/reproduction.md
   h = load_config('higgins_dsprites')
   assert (h.objective, h.model, h.beta, h.latent_size) == ('beta', 'mlp', 4.0, 10)
+  higgins = config_lib.sibling(os.path.join(CONFIGS, 'x.py'), 'higgins_dsprites')
+  c = higgins.get_config('compare,seeds=2')
+  config_lib.validate(c)
+  assert dict(c.sweep.product) == {'beta': [1.0, 4.0], 'seed': [0, 1]}
+  assert (c.model, c.learning_rate, c.num_steps) == ('mlp', 1e-4, 300_000)
+  for bad in ('beta', 'compare,seeds=0', 'compare,steps=3'):
+    with pytest.raises(ValueError, match='compare'):
+      higgins.get_config(bad)
 
 
 def test_locatello_grids():
