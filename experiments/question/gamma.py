@@ -31,8 +31,8 @@ import common
 
 NAME = 'gamma'
 GAMMAS = (5.0, 20.0, 100.0, 1000.0)
-ANNEALS = (800, 200)  # slow, fast
-C_MAX, STEPS = 10.0, 900
+ANNEALS = (1000, 250)  # slow, fast
+C_MAX, STEPS = 10.0, 1200
 WINDOWS = 6
 
 

@@ -28,14 +28,14 @@ import common
 
 NAME = 'penalties'
 PENALTIES = ('abs', 'abs_per_example', 'squared')
-GAMMAS = (30.0, 1000.0)
+GAMMAS = (5.0, 1000.0)
 SEEDS = (0, 1)
-C_MAX, ANNEAL, STEPS = 5.0, 500, 800
+C_MAX, ANNEAL, STEPS = 5.0, 600, 1200
 HELDOUT = 5000
 
 
 def configs(quick: bool):
-  return {p: common.base_config(quick, STEPS, capacity_penalty=p, c_max=C_MAX,
+  return {p: common.base_config(quick, STEPS, log_every=5, capacity_penalty=p, c_max=C_MAX,
                                 c_anneal_steps=ANNEAL,
                                 sweep=dict(product=dict(gamma=list(GAMMAS), seed=list(SEEDS))))
           for p in PENALTIES}

@@ -35,7 +35,7 @@ import common
 
 NAME = 'rescaling'
 N = 64 * 64
-STEPS = 600
+STEPS = 1000
 # (run, what each member is, sweep)
 RUNS = {
     'summed': (dict(objective='beta', sweep=dict(product=dict(beta=[1.0, 4.0]))),
