@@ -103,7 +103,7 @@ def run(root: str, out: str, quick: bool = False):
         ax.set_xlabel('per-example KL of a held-out image (nats)')
         ax.legend(fontsize=8)
     axes[0, j].axhline(0, color='k', lw=0.6)
-    axes[0, j].set_ylim(-1.5, 4)
+    axes[0, j].set_yscale('symlog', linthresh=0.5)
     axes[0, j].set_title(penalty, fontsize=10)
     axes[0, j].legend(fontsize=7)
     axes[1, j].set_yscale('log')
