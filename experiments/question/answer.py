@@ -49,20 +49,24 @@ def main(argv):
     raise app.UsageError(f'--only: unknown {unknown}; allowed: {list(EXPERIMENTS)}.')
   out = FLAGS.out or FLAGS.workdir
   path = os.path.join(out, 'answer.json')
-  record = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      record = json.load(f)
-  record.setdefault('seconds', {})
+  seconds = {}
   t0 = time.perf_counter()
   for name, module in EXPERIMENTS.items():
     if FLAGS.only and name not in FLAGS.only:
       continue
     t = time.perf_counter()
     module.run(os.path.join(FLAGS.workdir, name), out, FLAGS.quick)
-    record['seconds'][name] = time.perf_counter() - t
-    print(f'== {name}: {record["seconds"][name]:.0f} s')
-  record.update(machine=cpu(), quick=FLAGS.quick, command=' '.join(sys.argv),
+    seconds[name] = time.perf_counter() - t
+    print(f'== {name}: {seconds[name]:.0f} s')
+  # Read just before writing: runs of other experiments (--only) may have
+  # written theirs meanwhile.
+  record = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+  record.setdefault('seconds', {}).update(seconds)
+  record.setdefault('commands', {}).update({name: ' '.join(sys.argv) for name in seconds})
+  record.update(machine=cpu(), quick=FLAGS.quick,
                 total_seconds=sum(record['seconds'].values()))
   os.makedirs(out, exist_ok=True)
   with open(path, 'w') as f:
