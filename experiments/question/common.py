@@ -75,6 +75,9 @@ def base_config(quick: bool, steps: int, *, log_every: int = 10, **fields):
     config.log_every = 1
     config.c_anneal_steps = max(1, int(round(config.c_anneal_steps * scale)))
     config.c_stair_steps = max(1, int(round(config.c_stair_steps * scale)))
+    # One member per compiled step: experiments whose static choices agree
+    # share it (and the test suite's compilation cache), whatever their sweeps.
+    config.chunk_size = 1
   config.checkpoint_every = config.num_steps
   config.keep_checkpoints = 1
   return config
