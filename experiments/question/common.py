@@ -88,8 +88,12 @@ def train_runs(runs: dict[str, Any], root: str) -> dict[str, float]:
   seconds = {}
   for name, config in runs.items():
     t0 = time.perf_counter()
-    train.train_and_evaluate(config, os.path.join(root, name))
+    states = train.train_and_evaluate(config, os.path.join(root, name))
     seconds[name] = time.perf_counter() - t0
+    reached = int(np.min(jax.device_get(states.step)))
+    if reached < config.num_steps:  # SIGTERM / Ctrl-C: saved; stop here, not go on
+      raise SystemExit(f'{name}: stopped at step {reached} of {config.num_steps};'
+                       ' run the same command again to resume.')
   return seconds
 
 
