@@ -51,8 +51,8 @@ def test_every_experiment_writes_its_figures_and_numbers(quick):
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   p = numbers['penalties']
   assert {(m['penalty'], m['gamma'], m['seed']) for m in p['members']} == {
-      (q, g, s) for q in ('abs', 'abs_per_example', 'squared') for g in (30.0, 1000.0)
-      for s in (0, 1)}
+      (q, g, s) for q in ('abs', 'abs_per_example', 'squared')
+      for g in EXPERIMENTS['penalties'].GAMMAS for s in EXPERIMENTS['penalties'].SEEDS}
   for m in p['members']:
     assert m['heldout_kl_p10'] <= m['heldout_kl_median'] <= m['heldout_kl_p90']
 
@@ -91,5 +91,5 @@ def test_staircase_of_one_step_is_the_linear_ramp(quick):
                                     abs=1e-6)
   ch = quick[1]['chatter']
   assert {(m['penalty'], m['learning_rate']) for m in ch['members']} == {
-      (p, lr) for p in ('abs', 'squared') for lr in (1e-4, 3e-4, 1e-3)}
+      (p, lr) for p in ('abs', 'squared') for lr in EXPERIMENTS['chatter'].LEARNING_RATES}
   assert all(np.isfinite(m['kl_minus_c_sd']) for m in ch['members'])

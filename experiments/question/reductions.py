@@ -58,7 +58,7 @@ def run(root: str, out: str, quick: bool = False):
   capvae_kl = float(losses.capacity_objective(
       rec.astype(np.float32), k.astype(np.float32), 1.0, 0.0)[1]['kl'])
   kl_b = k.sum(axis=1)
-  cs = {'below every example': float(np.floor(kl_b.min()) - 1),
+  cs = {'below every example': float(max(0.0, np.floor(kl_b.min()) - 1)),
         'at the median example': float(np.median(kl_b)),
         'at the mean': float(kl_b.mean()),
         'above every example': float(np.ceil(kl_b.max()) + 1)}
