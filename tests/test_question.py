@@ -17,8 +17,6 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.xdist_group('test_question')
-
 sys.path.insert(0, os.path.join(ROOT, 'experiments', 'question'))
 _before = set(flags.FLAGS)
 answer = importlib.import_module('answer')
@@ -27,18 +25,21 @@ for _flag in set(flags.FLAGS) - _before:  # only the scripts' main() reads them
 EXPERIMENTS = answer.EXPERIMENTS
 
 
-@pytest.fixture(scope='module')
-def quick(tmp_path_factory):
-  """Every experiment in quick mode, in make answer's order: ``(out, numbers)``."""
-  root = str(tmp_path_factory.mktemp('question'))
-  out = os.path.join(root, 'out')
-  numbers = {name: m.run(os.path.join(root, name), out, quick=True)
+@pytest.mark.xdist_group('test_question')  # long: scheduled first (conftest.py)
+def test_every_experiment_in_quick_mode(tmp_path):
+  """One test, so the runs happen once: pytest tears a module fixture down
+  whenever xdist hands its worker a test of another module in between."""
+  out = str(tmp_path / 'out')
+  numbers = {name: m.run(str(tmp_path / name), out, quick=True)
              for name, m in EXPERIMENTS.items()}
-  return out, numbers
+  _check_files(out, numbers)
+  _check_penalties(numbers['penalties'])
+  _check_reductions(numbers['reductions'])
+  _check_rescaling(numbers['rescaling'])
+  _check_staircase_capacity_chatter(numbers)
 
 
-def test_every_experiment_writes_its_figures_and_numbers(quick):
-  out, numbers = quick
+def _check_files(out, numbers):
   pngs = {'penalties': ['penalties_kl_minus_c', 'penalties_example_kl'],
           'rescaling': ['rescaling'], 'gamma': ['gamma'], 'capacity_limit': ['capacity_limit'],
           'staircase': ['staircase'], 'chatter': ['chatter'], 'reductions': []}
@@ -49,7 +50,9 @@ def test_every_experiment_writes_its_figures_and_numbers(quick):
     for stem in stems:
       with open(os.path.join(out, f'{stem}.png'), 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  p = numbers['penalties']
+
+
+def _check_penalties(p):
   assert {(m['penalty'], m['gamma'], m['seed']) for m in p['members']} == {
       (q, g, s) for q in ('abs', 'abs_per_example', 'squared')
       for g in EXPERIMENTS['penalties'].GAMMAS for s in EXPERIMENTS['penalties'].SEEDS}
@@ -57,8 +60,7 @@ def test_every_experiment_writes_its_figures_and_numbers(quick):
     assert m['heldout_kl_p10'] <= m['heldout_kl_median'] <= m['heldout_kl_p90']
 
 
-def test_reductions_a_and_b_and_the_scaled_forms(quick):
-  r = quick[1]['reductions']
+def _check_reductions(r):
   assert r['reduction_a'] == pytest.approx(r['reduction_b'], rel=1e-12)
   assert r['capvae_batch_kl_float32'] == pytest.approx(r['reduction_a'], rel=1e-5)
   for form in r['forms']:
@@ -71,25 +73,24 @@ def test_reductions_a_and_b_and_the_scaled_forms(quick):
   assert median['abs_per_example'] > median['abs_batch'] - 1e-12
 
 
-def test_losses_that_are_one_loss_train_the_same(quick):
-  pairs = {(p['a'], p['b']): p for p in quick[1]['rescaling']['pairs']}
+def _check_rescaling(r):
+  pairs = {(p['a'], p['b']): p for p in r['pairs']}
   # raw_dim·mse and a Gaussian of variance 1/2 differ by a constant only.
   same = pairs[('raw_dim·mse, beta 1', 'Gaussian sigma² 0.5, beta 1')]
   assert same['max_abs_kl_difference'] < 1e-4
   assert len(pairs) == 3
 
 
-def test_staircase_of_one_step_is_the_linear_ramp(quick):
-  s = quick[1]['staircase']
+def _check_staircase_capacity_chatter(numbers):
+  s = numbers['staircase']
   assert [m['c_stair_steps'] for m in s['members']][0] == 1
   stairs = [m for m in s['members'] if m['c_stair_steps'] > 1]
   assert stairs and all(m['jumps'] is not None for m in stairs)
-  c = quick[1]['capacity_limit']
-  for m in c['capacity']:
+  for m in numbers['capacity_limit']['capacity']:
     assert m['information'] <= m['bound'] + 4 * m['information_stderr'] + 1e-6
     assert m['kl'] == pytest.approx(m['spread'] + m['offset'] + m['variance'], rel=1e-4,
                                     abs=1e-6)
-  ch = quick[1]['chatter']
+  ch = numbers['chatter']
   assert {(m['penalty'], m['learning_rate']) for m in ch['members']} == {
       (p, lr) for p in ('abs', 'squared') for lr in EXPERIMENTS['chatter'].LEARNING_RATES}
   assert all(np.isfinite(m['kl_minus_c_sd']) for m in ch['members'])

@@ -110,7 +110,8 @@ def run(root: str, out: str, quick: bool = False):
   ax.set_xlabel('KL (nats)')
   ax.set_ylabel('|d rec / d KL| (nats per nat)')
   ax.set_title('The threshold; dashed: each gamma', fontsize=10)
-  ax.legend(fontsize=8)
+  if along or settled:
+    ax.legend(fontsize=8)
   ax.grid(alpha=0.3, which='both')
   fig.tight_layout()
   common.write(out, NAME, {'gamma': fig}, numbers)

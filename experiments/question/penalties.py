@@ -113,7 +113,8 @@ def run(root: str, out: str, quick: bool = False):
   fig.tight_layout()
   hist.tight_layout()
   # The squared penalty's optimum: d rec/d KL + 2 gamma (KL − C) = 0.
-  slope = float(np.nanmean(list(slopes.values()))) if slopes else float('nan')
+  finite = [v for v in slopes.values() if np.isfinite(v)]
+  slope = float(np.mean(finite)) if finite else float('nan')
   numbers['rec_per_kl_slope'] = slope
   numbers['rec_per_kl_slope_by_seed'] = slopes
   for member in numbers['members']:
