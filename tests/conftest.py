@@ -52,6 +52,13 @@ def test_config():
   return load_config('test')
 
 
+# The fixtures that train a run for a whole module are session-scoped: pytest
+# tears a module-scoped fixture down whenever a worker runs a test of another
+# module in between, and under pytest-xdist that happens (test_report's sweep
+# was trained and evaluated three times). Their xdist group keeps each
+# module's tests on one worker, so each is made once.
+
+
 def pytest_collection_modifyitems(items):
   """The xdist groups (modules whose shared fixture trains a run, minutes of
   work each) first, so that the workers start on them and the short tests

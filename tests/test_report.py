@@ -21,7 +21,7 @@ SCALE = 0.01  # 1% of disentanglement_lib's sample sizes: seconds, not minutes
 SIZES = dict(beta_vae_batch_size=8, factor_vae_batch_size=8)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # once per worker: see conftest.py
 def sweep_dir(tmp_path_factory):
   """A trained three-member sweep (configs/test_sweep.py), evaluated at SCALE."""
   workdir = str(tmp_path_factory.mktemp('sweep'))
@@ -162,7 +162,7 @@ def test_gap_steps_marks_logs_more_than_a_nat_from_c():
   assert report.gap_steps(rows) == [10, 30]
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # once per worker: see conftest.py
 def sweep_report(sweep_dir):
   """The report of sweep_dir, written over an eval.json made stale (step 4 of 8),
   which the report must evaluate again first."""

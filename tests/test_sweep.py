@@ -96,7 +96,7 @@ def test_chunks_and_padding_layout():
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # once per worker: see conftest.py
 def sweep_run(tmp_path_factory):
   """``configs/test_sweep.py`` trained on this process's one device."""
   workdir = str(tmp_path_factory.mktemp('sweep') / 'run')

@@ -111,7 +111,7 @@ class CapvaeTestTable(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield i, {'x': np.full(3, i, np.float32), 'label': i % 2}
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # once per worker: see conftest.py
 def data_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('tfds')
   config = tfds.download.DownloadConfig(manual_dir=str(root / 'manual'))

@@ -34,7 +34,7 @@ def _steps(path):
   return ocp.CheckpointManager(os.path.join(path, 'checkpoints', 'chunk_000')).all_steps()
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # once per worker: see conftest.py
 def reference(tmp_path_factory):
   """An uninterrupted 8-step run: its final states and its log."""
   path = str(tmp_path_factory.mktemp('reference'))
