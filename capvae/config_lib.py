@@ -6,18 +6,17 @@ with a readable message instead of minutes later inside XLA.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Any, Mapping
 
-from capvae import data, losses, models, schedules, train_state
+from capvae import data, losses, models, parallel, schedules, train_state
 from capvae.errors import ConfigError
 
 OPTIMIZERS = ('adam',)
-# How a device runs its members: 'map' one after another (each exactly as a
-# single run computes it), 'vmap' batched together, 'auto' = map on CPU and
-# vmap on accelerators.
-MEMBER_LOOPS = ('auto', 'map', 'vmap')
+# How a device runs its members (capvae.parallel.over_members).
+MEMBER_LOOPS = parallel.MEMBER_LOOPS
 
 # Fields that do not change the training trajectory: where a run stops and how
 # it reports. A workdir may be rerun with new values of these (e.g. a larger
@@ -28,9 +27,13 @@ BOOKKEEPING_FIELDS = frozenset(
 
 
 def _get(config, name):
+  """``config[name]``; for a field of :data:`LATER_FIELDS` that a config saved
+  before it existed lacks, the value such runs used."""
   try:
     return config[name]
   except (KeyError, AttributeError):
+    if name in LATER_FIELDS:
+      return LATER_FIELDS[name]
     raise ConfigError(f'config.{name} is missing.') from None
 
 
@@ -92,13 +95,12 @@ def validate(config) -> None:
     tfds_source.parse_name(config.dataset)
   else:
     _choice(config, 'dataset', data.DATASETS + ('tfds:<name>[/<config>][:<version>]',))
-  split = config.get('dataset_split', 'train')
+  split = _get(config, 'dataset_split')
   if not isinstance(split, str) or not split:
     raise ConfigError(f'config.dataset_split = {split!r}: must be a non-empty split name'
                       " such as 'train' or 'train[:90%]'.")
   _choice(config, 'model', models.MODELS)
-  if 'init' in config:  # runs saved before it existed used 'lecun' (LATER_FIELDS)
-    _choice(config, 'init', models.INITS)
+  _choice(config, 'init', models.INITS)
   _choice(config, 'objective', losses.OBJECTIVES)
   _choice(config, 'reconstruction', tuple(losses.RECONSTRUCTIONS))
   _choice(config, 'capacity_penalty', tuple(losses.CAPACITY_PENALTIES))
@@ -111,15 +113,13 @@ def validate(config) -> None:
   if not isinstance(_get(config, 'beta_norm'), bool):
     raise ConfigError('config.beta_norm must be True or False.')
   for name, rule in NUMBER_RULES.items():
-    if name in LATER_FIELDS and name not in config:
-      continue  # a config saved before the field existed: it used LATER_FIELDS[name]
     _number(config, name, **rule)
-  micro = config.get('microbatch_size', 0)
+  micro = _get(config, 'microbatch_size')
   _check_number('config.microbatch_size', micro, lo=0, integer=True)
   if micro and (micro > config.batch_size or config.batch_size % micro):
     raise ConfigError(f'config.microbatch_size = {micro}: must divide config.batch_size ='
                       f' {config.batch_size} (or be 0: chosen for the platform).')
-  shards = config.get('data_shards', 1)
+  shards = _get(config, 'data_shards')
   _check_number('config.data_shards', shards, lo=0, lo_open=True, integer=True)
   if config.batch_size % shards:
     raise ConfigError(f'config.data_shards = {shards}: must divide config.batch_size ='
@@ -183,7 +183,7 @@ def check_devices(config, num_devices: int, num_processes: int) -> None:
   if n and num_processes > 1 and n != num_devices:
     raise ConfigError(f'config.num_devices = {n}: a multi-process run uses all'
                       f' {num_devices} devices; use 0.')
-  shards = config.get('data_shards', 1)
+  shards = _get(config, 'data_shards')
   if (n or num_devices) % shards:
     raise ConfigError(f'config.data_shards = {shards}: must divide the {n or num_devices}'
                       ' device(s) the run uses (on CPU, JAX_NUM_CPU_DEVICES=N makes N'
@@ -206,6 +206,27 @@ def check_against_dataset(config, dataset) -> None:
 # Fields added after runs were saved without them, and the value such runs used.
 LATER_FIELDS = {'dataset_split': 'train', 'microbatch_size': 0, 'data_shards': 1,
                 'init': 'lecun', **train_state.LATER_HPARAMS}
+
+
+def normalize(config):
+  """Gives ``config`` (in place; returned) the fields of :data:`LATER_FIELDS`
+  that it lacks, with the values runs saved before them used. Every loader of
+  a saved config and the training entry point call it, so the rest of capvae
+  reads every field directly."""
+  missing = {k: v for k, v in LATER_FIELDS.items() if k not in config}
+  if missing:
+    unlocked = getattr(config, 'unlocked', None)
+    with unlocked() if unlocked else contextlib.nullcontext():
+      for k, v in missing.items():
+        config[k] = v
+  return config
+
+
+def objective(config) -> losses.Objective:
+  """The :class:`capvae.losses.Objective` that ``config``'s static kinds name."""
+  return losses.Objective(objective=config.objective, reconstruction=config.reconstruction,
+                          capacity_penalty=config.capacity_penalty,
+                          schedule=config.schedule, beta_norm=bool(config.beta_norm))
 
 
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capvae import data, losses, metrics, models, sweep, train
+from capvae import data, losses, metrics, models, sweep
 from capvae import workdir as workdir_lib
 from capvae.metrics import information
 from capvae.data import base
@@ -67,46 +67,6 @@ HEADLINE = {
     'modularity': 'modularity',
     'explicitness': 'explicitness_test',
 }
-
-
-class RunMembers:
-  """All members of a workdir at one checkpoint step, stacked on one device.
-
-  Attributes:
-    config: the run's config.
-    model: the Flax VAE.
-    dataset: the ground-truth dataset it trained on.
-    states: stacked :class:`~capvae.train_state.TrainState` of the real members
-      (padding rows dropped), leading axis = member.
-    rows: the member table (one dict of hyperparameters per member).
-    step: the checkpoint step.
-  """
-
-  def __init__(self, workdir: str, step: int | None = None):
-    self.config = config = train.load_config(workdir)
-    with open(os.path.join(workdir, train.MEMBERS_FILE)) as f:
-      self.rows = json.load(f)
-    self.dataset = data.get(config.dataset, config.dataset_path,
-                 config.get('dataset_split', 'train'))
-    self.spec = train.StepSpec.from_config(config)
-    self.model = models.get(config.model, config.latent_size,
-                            self.dataset.observation_shape, config.get('init', 'lecun'))
-    chunk_size = int(config.get('chunk_size', 0))
-    parts, steps = [], set()
-    for chunk, ids in enumerate(sweep.chunks(len(self.rows), chunk_size)):
-      states, saved = train.load_chunk(workdir, chunk, ids, self.rows, self.model,
-                                       self.dataset, self.spec, step)
-      steps.add(saved)
-      parts.append(jax.tree.map(lambda a, n=len(ids): a[:n], states))
-    if len(steps) != 1:
-      raise ConfigError(f'{workdir}: chunks were saved at different steps {sorted(steps)};'
-                        ' finish training (or pass --step) first.')
-    self.step = steps.pop()
-    self.states = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
-
-  @property
-  def num_members(self) -> int:
-    return len(self.rows)
 
 
 class GridCodes:
@@ -140,7 +100,7 @@ class GridCodes:
     self.codes = np.zeros((num_members, dataset.num_examples, latent), np.float32)
     self.logvars = np.zeros_like(self.codes)
     self.filled = np.zeros((dataset.num_examples,), bool)
-    strides = base._strides(dataset.factor_sizes)  # pylint: disable=protected-access
+    strides = base.strides(dataset.factor_sizes)
     self.strides = np.asarray(strides, np.int64)
     self.encoded = 0  # images encoded so far (per member)
     self.seconds = 0.0
@@ -182,20 +142,20 @@ def _unflatten(flat: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
   return np.stack(np.unravel_index(flat, tuple(sizes)), axis=1).astype(np.int32)
 
 
-def heldout_stats(run: RunMembers, num_images: int, seed: int, batch: int = 500):
+def heldout_stats(run: workdir_lib.Members, num_images: int, seed: int, batch: int = 500):
   """Per-latent KL ``[M, L]``, reconstruction ``[M]`` (sampled z, the training
   estimate), reconstruction from the mean ``[M]``, averaged over
   ``num_images`` held-out draws, and the per-latent KL split into offset,
   spread and variance (:func:`capvae.losses.kl_decomposition`, each ``[M, L]``)."""
-  model, spec, dataset = run.model, run.spec, run.dataset
+  model, objective, dataset = run.model, run.objective, run.dataset
 
   def one(args, x, key):
     params, hparams = args
     out, mean, logvar = model.apply(params, x, key)
     out_mean = model.apply(params, mean, method=models.VAE.decode)
     return (jnp.sum(losses.gaussian_kl(mean, logvar), axis=0),
-            jnp.sum(train.reconstruction(spec, out, x, hparams)),
-            jnp.sum(train.reconstruction(spec, out_mean, x, hparams)),
+            jnp.sum(objective.reconstruction_loss(out, x, hparams)),
+            jnp.sum(objective.reconstruction_loss(out_mean, x, hparams)),
             (jnp.sum(mean, axis=0), jnp.sum(jnp.square(mean), axis=0),
              jnp.sum(jnp.exp(logvar), axis=0), jnp.sum(logvar, axis=0)))
 
@@ -290,7 +250,7 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
   check_settings(scale, dci_estimator, seed)
   sizes = metrics.check_sizes({**metrics.default_sizes(scale), **(sizes or {})})
   t0 = time.perf_counter()
-  run = RunMembers(workdir, step)
+  run = workdir_lib.Members(workdir, step)
   dataset = run.dataset
   num_heldout = max(100, round(NUM_HELDOUT * scale))
   logging.info('evaluating %d member(s) of %s at step %d (sample sizes %s)',

@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 
 from capvae import config_lib
-from capvae import train
+from capvae import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A trained (sweep) workdir.')
@@ -31,7 +31,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
-    out = train.extract_member(FLAGS.workdir, FLAGS.member, FLAGS.out, FLAGS.step)
+    out = workdir_lib.extract_member(FLAGS.workdir, FLAGS.member, FLAGS.out, FLAGS.step)
   except config_lib.ConfigError as e:
     print(f'capvae.extract: error: {e}', file=sys.stderr)
     sys.exit(2)

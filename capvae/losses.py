@@ -23,11 +23,14 @@ implementations really differ is *where the absolute value goes*:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from capvae import schedules
 
 Array = jax.Array
 Aux = dict[str, Array]
@@ -311,3 +314,60 @@ def capacity_objective(
 
 
 OBJECTIVES = ('beta', 'capacity')
+
+
+# --------------------------------------------------------------------------
+# A run's objective: its static kinds, called with its traced weights.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The loss of a run, from the kinds that fix its program.
+
+  The fields are the static choices (each a name from this module's tables);
+  the numbers are traced: calls take ``hparams``, anything with the attributes
+  of :class:`capvae.train_state.Hparams` (``beta``, ``gamma``, ``c_max``,
+  ``c_anneal_steps``, ``c_stair_steps``, ``gaussian_variance``), scalars or
+  traced arrays, so one compiled program serves every member of a sweep.
+  """
+  objective: str = 'capacity'  # one of OBJECTIVES
+  reconstruction: str = 'bernoulli'  # a key of RECONSTRUCTIONS
+  capacity_penalty: str = 'abs'  # a key of CAPACITY_PENALTIES
+  schedule: str = 'linear'  # a name of capvae.schedules
+  beta_norm: bool = False  # the beta objective in Higgins et al.'s normalised units
+
+  def __post_init__(self):
+    for field, allowed in (('objective', OBJECTIVES), ('reconstruction', RECONSTRUCTIONS),
+                           ('capacity_penalty', CAPACITY_PENALTIES),
+                           ('schedule', schedules.SCHEDULES)):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f'{field} {getattr(self, field)!r} is unknown; allowed:'
+                         f' {sorted(allowed)}.')
+
+  def reconstruction_loss(self, out: Array, x: Array, hparams) -> Array:
+    """Per-example reconstruction ``[B]`` of decoder outputs ``out`` for images ``x``."""
+    if self.reconstruction == 'gaussian':
+      return gaussian_nll(out, x, hparams.gaussian_variance)
+    return RECONSTRUCTIONS[self.reconstruction](out, x)
+
+  def capacity(self, hparams, step) -> Array:
+    """C at optimizer step ``step`` (the capacity objective's target)."""
+    return schedules.get(self.schedule, hparams.c_max, hparams.c_anneal_steps,
+                         hparams.c_stair_steps)(step)
+
+  def __call__(self, hparams, step, rec: Array, kl: Array,
+               input_size: int) -> tuple[Array, Aux]:
+    """``(loss, aux)`` of per-example reconstructions ``rec [B]`` and KLs
+    ``kl [B, M]`` at optimizer step ``step``; ``input_size`` is N, the pixels
+    of one image (for ``beta_norm``).
+
+    Every objective is a function of per-example statistics, linear in
+    ``rec`` (it enters as a batch mean), which is what lets the gradient of a
+    batch be assembled from shares of it (``capvae.train``).
+    """
+    if self.objective == 'beta':
+      return beta_objective(rec, kl, hparams.beta, normalized=self.beta_norm,
+                            input_size=input_size)
+    return capacity_objective(rec, kl, hparams.gamma, self.capacity(hparams, step),
+                              penalty=self.capacity_penalty)

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 import jax
 
 from capvae import config_lib
+from capvae import backend
 from capvae import train
 
 FLAGS = flags.FLAGS
@@ -157,7 +158,7 @@ def main(argv):
     _fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are written --name=value).')
   _check_workdir_path(FLAGS.workdir, FLAGS.mode)
   logging.get_absl_handler().addFilter(_quiet_orbax)
-  train.keep_freed_memory()  # before JAX starts its threads
+  backend.keep_freed_memory()  # before JAX starts its threads
   if FLAGS.coordinator_address:
     if FLAGS.num_processes is None or FLAGS.process_id is None:
       print('capvae: error: --coordinator_address needs --num_processes and'

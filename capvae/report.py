@@ -35,7 +35,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from capvae import evaluate, models, train  # noqa: E402
+from capvae import evaluate, models  # noqa: E402
 from capvae import train_state as ts  # noqa: E402
 from capvae import workdir as workdir_lib  # noqa: E402
 from capvae.errors import ConfigError  # noqa: E402
@@ -263,7 +263,7 @@ def _decoded(params, x, order, *, model, reconstruction):
   return _to_pixels(reconstruction, model.apply(params, codes, method=models.VAE.decode)), recon
 
 
-def model_images(run: 'evaluate.RunMembers', member: int, order, seed: int = 0,
+def model_images(run: workdir_lib.Members, member: int, order, seed: int = 0,
                  num_recons: int = 8):
   """``(traversals [L, V, ...], inputs [n, ...], reconstructions [n, ...])`` of one member."""
   params = jax.tree.map(lambda a: a[member], run.states.params)
@@ -343,7 +343,7 @@ def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 
   """
   evaluate.check_settings(eval_scale, dci_estimator, seed)
   rows = read_metrics(workdir)
-  run = evaluate.RunMembers(workdir)
+  run = workdir_lib.Members(workdir)
   result = evaluate.load(workdir)
   if result is None or result.get('step') != run.step or len(result['members']) != run.num_members:
     result = evaluate.evaluate(workdir, scale=eval_scale, dci_estimator=dci_estimator,

@@ -1,25 +1,24 @@
-"""The train step and the training loop.
+"""The member step and the training loop.
 
-``make_train_step`` builds one pure function ``(states, dataset) -> (states,
-metrics)`` over a stack of members: it renders one batch from the dataset
-(shared by every member: common random numbers), then updates every member,
-one after another (``'map'``) or batched (``'vmap'``), inside a ``shard_map``
-that splits the member axis over a device mesh. It is jitted once;
-hyperparameter values are traced.
+``make_member_step`` is one member's update on a batch: the objective's
+gradient (on the whole batch, from a device's share of it, or over
+micro-batches), Adam, and the guarded update that freezes a member whose
+update is not finite. ``make_train_step`` runs it over a stack of members on
+a device mesh (:func:`capvae.parallel.over_members`); it is jitted once, with
+hyperparameter values traced.
 
 ``train_and_evaluate(config, workdir)`` validates the config, restores or
-creates the stacked state of each chunk of members, trains, logs
-``metrics.jsonl`` and checkpoints with orbax, resuming exactly after a stop or
-a preemption signal, on one process or many (``jax.distributed``).
-``load_member`` and ``extract_member`` take one member back out.
+creates the stacked state of each chunk of members (:mod:`capvae.workdir`),
+trains, logs ``metrics.jsonl`` and checkpoints with orbax, resuming exactly
+after a stop or a preemption signal, on one process or many
+(``jax.distributed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import contextlib
-import ctypes
 import json
 import math
 import os
@@ -29,29 +28,21 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from capvae import config_lib, data, losses, models, schedules, sweep
+from capvae import config_lib, data, losses, models, parallel, sweep
 from capvae import train_state as ts
 from capvae import workdir as workdir_lib
-
-# The workdir's files (capvae.workdir), by their names here too.
-CHECKPOINT_DIR, CONFIG_FILE = workdir_lib.CHECKPOINT_DIR, workdir_lib.CONFIG_FILE
-MEMBERS_FILE, METRICS_FILE = workdir_lib.MEMBERS_FILE, workdir_lib.METRICS_FILE
+from capvae.data.prefetch import Prefetcher
 
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
   """The static (shape- or program-changing) part of a run's config."""
-  objective: str
-  reconstruction: str
-  capacity_penalty: str
-  schedule: str
-  beta_norm: bool
+  objective: losses.Objective
   batch_size: int
   microbatch: int  # images per micro-batch (see member_grads); the batch size: none
   data_seed: int
@@ -60,48 +51,20 @@ class StepSpec:
   @classmethod
   def from_config(cls, config) -> 'StepSpec':
     return cls(
-        objective=config.objective,
-        reconstruction=config.reconstruction,
-        capacity_penalty=config.capacity_penalty,
-        schedule=config.schedule,
-        beta_norm=bool(config.beta_norm),
+        objective=config_lib.objective(config),
         batch_size=int(config.batch_size),
         microbatch=resolve_microbatch(config),
         data_seed=int(config.data_seed),
-        optimizer_kwargs=(('b1', float(config.adam_b1)),
-                          ('b2', float(config.adam_b2)),
-                          ('eps', float(config.adam_eps))),
+        optimizer_kwargs=tuple(ts.optimizer_kwargs(config).items()),
     )
-
-
-def reconstruction(spec: StepSpec, out, x, hparams: ts.Hparams):
-  """Per-example reconstruction loss of the config's kind."""
-  if spec.reconstruction == 'gaussian':
-    return losses.gaussian_nll(out, x, hparams.gaussian_variance)
-  return losses.RECONSTRUCTIONS[spec.reconstruction](out, x)
-
-
-def objective(spec: StepSpec, hparams: ts.Hparams, step, rec, kl, input_size: int):
-  """The config's objective of per-example reconstructions ``rec [B]`` and KLs ``kl [B, M]``.
-
-  Every objective is linear in ``rec`` (it enters as a weighted batch mean),
-  which is what lets :func:`member_grads` split a batch into micro-batches.
-  """
-  if spec.objective == 'beta':
-    return losses.beta_objective(rec, kl, hparams.beta, normalized=spec.beta_norm,
-                                 input_size=input_size)
-  c = schedules.get(spec.schedule, hparams.c_max, hparams.c_anneal_steps,
-                    hparams.c_stair_steps)(step)
-  return losses.capacity_objective(rec, kl, hparams.gamma, c,
-                                   penalty=spec.capacity_penalty)
 
 
 def member_loss(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec):
   """One member's ``(loss, aux)`` on batch ``x`` at optimizer step ``step``."""
   out, mean, logvar = model.apply(params, x, key)
-  rec = reconstruction(spec, out, x, hparams)
+  rec = spec.objective.reconstruction_loss(out, x, hparams)
   kl = losses.gaussian_kl(mean, logvar)
-  return objective(spec, hparams, step, rec, kl, int(np.prod(x.shape[1:])))
+  return spec.objective(hparams, step, rec, kl, int(np.prod(x.shape[1:])))
 
 
 def data_parallel_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec,
@@ -129,12 +92,12 @@ def data_parallel_grads(params, model, hparams: ts.Hparams, step, x, key, spec: 
 
   def stats(p):
     out, mean, logvar = model.apply(p, x, eps, method='with_noise')
-    return reconstruction(spec, out, x, hparams), losses.gaussian_kl(mean, logvar)
+    return spec.objective.reconstruction_loss(out, x, hparams), losses.gaussian_kl(mean, logvar)
 
   (rec, kl), stats_vjp = jax.vjp(stats, params)
   gather = lambda a: jax.lax.all_gather(a, axis, tiled=True)
   (loss, aux), (w_rec, w_kl) = jax.value_and_grad(
-      lambda rec, kl: objective(spec, hparams, step, rec, kl, int(np.prod(x.shape[1:]))),
+      lambda rec, kl: spec.objective(hparams, step, rec, kl, int(np.prod(x.shape[1:]))),
       argnums=(0, 1), has_aux=True)(gather(rec), gather(kl))
   grads = jax.lax.psum(stats_vjp((mine(w_rec), mine(w_kl)))[0], axis)
   return (loss, aux), grads
@@ -198,12 +161,12 @@ def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpe
   else:
     head = z
   w_rec, w_kl = jax.grad(
-      lambda rec, kl: objective(spec, hparams, step, rec, kl, input_size)[0],
+      lambda rec, kl: spec.objective(hparams, step, rec, kl, input_size)[0],
       argnums=(0, 1))(jnp.zeros((b,), kl.dtype), kl)
 
   # 2. Micro-batches: the decoder's tail and the reconstruction.
   def tail_loss(p, h, xs, w):
-    rec = reconstruction(spec, decode(p, h, start=j), xs, hparams)
+    rec = spec.objective.reconstruction_loss(decode(p, h, start=j), xs, hparams)
     return jnp.sum(w * rec), rec
 
   # Micro-batch i's cotangent is written over its own rows of the head, which
@@ -236,7 +199,7 @@ def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpe
       return add(total, jax.vjp(lambda p: encode(p, xs, stop=k), params)[1](d)[0]), None
 
     grads, _ = jax.lax.scan(stem_grads, grads, (split(x), split(d_stem)))
-  return objective(spec, hparams, step, merge(rec), kl, input_size), grads
+  return spec.objective(hparams, step, merge(rec), kl, input_size), grads
 
 
 def batch_at(dataset: data.GroundTruthDataset, step, spec: StepSpec):
@@ -346,153 +309,36 @@ def resolve_microbatch(config) -> int:
   conv models (burgess at 64: 0.92–1.0×, at 256: 0.93×). The default is the
   whole batch everywhere; micro-batches bound the activations' memory.
   """
-  return int(config.get('microbatch_size', 0)) or int(config.batch_size)
-
-
-def resolve_member_loop(member_loop: str, platform: str | None = None) -> str:
-  """``'auto'`` is ``'map'`` on CPU and ``'vmap'`` on GPU and TPU."""
-  if member_loop != 'auto':
-    return member_loop
-  platform = platform or jax.default_backend()
-  return 'map' if platform == 'cpu' else 'vmap'
-
-
-def make_mesh(devices=None, data_shards: int = 1) -> jax.sharding.Mesh:
-  """A ``('member', 'data')`` mesh over ``devices`` (default: all, every host).
-
-  Members are split over the ``'member'`` axis; each member's batch is split
-  over the ``data_shards`` consecutive devices of a ``'data'`` row (1: every
-  device trains its members on the whole batch).
-  """
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  if data_shards < 1 or devices.size % data_shards:
-    raise ValueError(f'data_shards = {data_shards} must divide the {devices.size} device(s).')
-  return jax.sharding.Mesh(devices.reshape(-1, data_shards), ('member', 'data'))
-
-
-def member_rows_of(mesh: jax.sharding.Mesh) -> int:
-  """How many devices hold different members (the member axis's size)."""
-  return mesh.shape['member']
-
-
-def _loop_members(member_step, states, x):
-  """``lax.map(lambda s: member_step(s, x), states)``, in place, the same program for any count.
-
-  ``member_step(state, x) -> (state, aux)``; ``x`` (the batch) is shared by
-  all members. The loop carries the stacked states and writes each member's
-  new state over its old row (no copy of the stack: the program's input is
-  donated). A member's result must not depend on how many members share its
-  device (member i of a sweep ends bit for bit where a single run ends). XLA
-  specialises a loop of one trip and a slice of an axis of length one, and
-  would then fuse the member's arithmetic with the slicing differently; so the
-  trip count is opaque to the compiler and the member's step sits between
-  optimisation barriers. The loop body is then the same program for any count.
-
-  ``x`` enters the member's step through the first barrier, with the state.
-  Otherwise XLA hoists the member's first use of it out of the loop (the
-  whole-batch padding of the first convolution) and fuses the batch's renderer
-  into that, so the batch is computed twice (burgess: 1.75 ms for the fused
-  padding against 0.2 for the render alone, 3 % of the step).
-  """
-  num = jax.tree.leaves(states)[0].shape[0]
-  trips = num + jnp.minimum(states.step[0], 0)  # == num: steps are never negative
-  # Traced once (the loop needs the shapes of its outputs before its body).
-  one = lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
-  closed, out_shape = jax.make_jaxpr(member_step, return_shape=True)(
-      jax.tree.map(one, states), jax.ShapeDtypeStruct(x.shape, x.dtype))
-  out_tree, aux_shape = jax.tree.structure(out_shape), out_shape[1]
-  traced_step = lambda *args: jax.tree.unflatten(
-      out_tree, jax.extend.core.jaxpr_as_fun(closed)(*jax.tree.leaves(args)))
-  aux = jax.tree.map(lambda s: jnp.zeros((num, *s.shape), s.dtype), aux_shape)
-
-  def body(i, carry):
-    states, aux = carry
-    state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), states)
-    new, out = jax.lax.optimization_barrier(traced_step(*jax.lax.optimization_barrier((state, x))))
-    put = lambda buf, o: jax.lax.dynamic_update_index_in_dim(buf, o, i, 0)
-    return jax.tree.map(put, states, new), jax.tree.map(put, aux, out)
-
-  return jax.lax.fori_loop(0, trips, body, (states, aux))
+  return int(config.microbatch_size) or int(config.batch_size)
 
 
 def make_train_step(model, spec: StepSpec, member_loop: str = 'map',
                     mesh: jax.sharding.Mesh | None = None):
   """Returns the pure step ``(states, dataset) -> (states, metrics)``.
 
-  ``states`` is a :class:`TrainState` stacked on a leading member axis, which
-  is split over the devices of ``mesh`` (``shard_map``; no communication: the
-  members are independent, and every device renders the shared batch itself).
-  On each device the local members run one after another (``'map'``: each is
-  computed exactly as a single run computes it, so a member's result does not
-  depend on the others, bit for bit) or batched (``'vmap'``: fewer, larger
-  kernels, which is what an accelerator wants).
+  ``states`` is a :class:`TrainState` stacked on a leading member axis, split
+  over the devices of ``mesh``; every member sees the same batch
+  (:func:`batch_at`) and takes :func:`make_member_step`'s update, one after
+  another (``'map'``: bit for bit a single run's) or batched (``'vmap'``); see
+  :func:`capvae.parallel.over_members`.
 
   The step's randomness is a function of ``(data_seed, step)`` for the batch and
   ``(member seed, step)`` for the reparameterisation noise, so resuming from a
   checkpoint replays exactly the same stream.
   """
-  data_axis = 'data' if mesh is not None and mesh.shape.get('data', 1) > 1 else None
-  member_step = make_member_step(model, spec, data_axis)
-  member_loop = resolve_member_loop(member_loop)
-
-  def local_step(states: ts.TrainState, dataset):
-    # Members always advance together, so the first one's step is everyone's.
-    # Rendered once, on its own: fused into the first layer, XLA recomputes it per use.
-    x = batch_at(dataset, states.step[0], spec)
-    if data_axis is not None:  # this device's share of the batch
-      n = x.shape[0] // mesh.shape[data_axis]
-      x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(data_axis) * n, n)
-    x = jax.lax.optimization_barrier(x)
-    if member_loop == 'vmap':
-      return jax.vmap(member_step, in_axes=(0, None))(states, x)
-    return _loop_members(member_step, states, x)
-
-  if mesh is None:
-    return local_step
-  member = jax.sharding.PartitionSpec('member')
-  return jax.shard_map(local_step, mesh=mesh,
-                       in_specs=(member, jax.sharding.PartitionSpec()),
-                       out_specs=member, check_vma=False)
+  member_step = make_member_step(model, spec, parallel.data_axis_of(mesh))
+  return parallel.over_members(member_step, lambda ds, step: batch_at(ds, step, spec),
+                               member_loop, mesh)
 
 
 def init_states(model, hparams: ts.Hparams, observation_shape, spec: StepSpec):
   """Stacked fresh states for the member table ``hparams`` (``[M]`` arrays)."""
-  example = jnp.zeros((1, *observation_shape), jnp.float32)
-  opt_kwargs = dict(spec.optimizer_kwargs)
-  return jax.vmap(lambda h: ts.create(model, h, example, opt_kwargs))(hparams)
+  return ts.create_stack(model, hparams, observation_shape, dict(spec.optimizer_kwargs))
 
 
 # --------------------------------------------------------------------------
-# Workdir bookkeeping.
+# The loop.
 # --------------------------------------------------------------------------
-
-
-def _config_dict(config) -> dict[str, Any]:
-  return json.loads(config.to_json())
-
-
-def check_workdir(workdir: str, config) -> dict[str, Any] | None:
-  """Refuses a workdir that holds another run; returns its saved config if any.
-
-  Nothing in the workdir is written or removed here.
-  """
-  new = _config_dict(config)
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    diffs = config_lib.differences(saved, new)
-    if diffs:
-      raise config_lib.ConfigError(
-          f'workdir {workdir!r} holds a run with a different config; its'
-          ' checkpoints are left untouched. Use another --workdir, or the saved'
-          ' config. Differences (saved -> new):\n  ' + '\n  '.join(diffs))
-    return saved
-  if os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
-    raise config_lib.ConfigError(
-        f'workdir {workdir!r} has checkpoints but no {CONFIG_FILE}; refusing to'
-        ' guess which run they belong to. Use another --workdir.')
-  return None
 
 
 def _to_python(v):
@@ -517,27 +363,6 @@ def metric_rows(step: int, member_rows, metrics, steps_per_sec: float):
     row['steps_per_sec'] = steps_per_sec
     rows.append(row)
   return rows
-
-
-def _fetch(tree):
-  """Host copies of (possibly multi-host) global arrays, on every process."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  from jax.experimental import multihost_utils
-  return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def _any_process(flag: bool) -> bool:
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def _format_duration(seconds: float) -> str:
@@ -574,124 +399,6 @@ class _Preemption:
       signal.signal(sig, old)
 
 
-# --------------------------------------------------------------------------
-# The loop.
-# --------------------------------------------------------------------------
-
-
-def _manager(workdir: str, chunk: int, keep: int | None = None, create=True):
-  path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR, f'chunk_{chunk:03d}'))
-  return ocp.CheckpointManager(
-      path, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
-      item_handlers=ocp.StandardCheckpointHandler())
-
-
-def _saved_rows(mngr, step: int) -> int:
-  """The length of the member axis in a saved checkpoint."""
-  meta = mngr.item_metadata(step)
-  return int(getattr(meta, 'tree', meta)['step'].shape[0])
-
-
-def _restore(mngr, step: int, target):
-  """``mngr.restore`` into ``target``. A checkpoint saved before a hyperparameter
-  of :data:`train_state.LATER_HPARAMS` existed is read without it, and the
-  field is filled with the value such runs used."""
-  meta = mngr.item_metadata(step)
-  saved = getattr(meta, 'tree', meta)['hparams']
-  missing = [k for k in ts.LATER_HPARAMS if k not in saved]
-  if not missing:
-    return mngr.restore(step, args=ocp.args.StandardRestore(target))
-  fields = {k: getattr(target.hparams, k) for k in ts.HPARAM_NAMES if k not in missing}
-  states = mngr.restore(step, args=ocp.args.StandardRestore(target.replace(hparams=fields)))
-  for k in missing:
-    a = getattr(target.hparams, k)
-    fields = dict(states.hparams)
-    fields[k] = jax.device_put(np.full(a.shape, ts.LATER_HPARAMS[k], a.dtype), a.sharding)
-    states = states.replace(hparams=fields)
-  return states.replace(hparams=ts.Hparams(**states.hparams))
-
-
-def _with_sharding(abstract, rows: int, sharding):
-  return jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct((rows, *a.shape[1:]), a.dtype, sharding=sharding),
-      abstract)
-
-
-def relayout(states, num_real: int, rows: int):
-  """The first ``num_real`` members of ``states``, padded to ``rows`` with copies
-  of the last one (the layout :func:`sweep.pad` gives fresh states)."""
-  def fix(x):
-    x = x[:num_real]
-    return jnp.concatenate([x, jnp.repeat(x[-1:], rows - num_real, axis=0)])
-  return jax.tree.map(fix, states)
-
-
-def restore_states(mngr, step: int, abstract, num_real: int, mesh):
-  """Restores a chunk saved on any device count into this mesh's layout."""
-  member = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('member'))
-  rows = jax.tree.leaves(abstract)[0].shape[0]
-  saved = _saved_rows(mngr, step)
-  if saved == rows:
-    return _restore(mngr, step, _with_sharding(abstract, rows, member))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  states = _restore(mngr, step, _with_sharding(abstract, saved, replicated))
-  return jax.jit(lambda s: relayout(s, num_real, rows), out_shardings=member)(states)
-
-
-CORRUPT_DIR = 'corrupt'
-
-
-def _move_aside(workdir: str, chunk: int, step: int) -> str:
-  """Moves checkpoint ``step`` of ``chunk`` to ``checkpoints/corrupt/chunk_NNN/``
-  (never deleting it); returns where it went."""
-  src = os.path.join(workdir, CHECKPOINT_DIR, f'chunk_{chunk:03d}', str(step))
-  dst_dir = os.path.join(workdir, CHECKPOINT_DIR, CORRUPT_DIR, f'chunk_{chunk:03d}')
-  os.makedirs(dst_dir, exist_ok=True)
-  dst, n = os.path.join(dst_dir, str(step)), 0
-  while os.path.exists(dst):
-    n += 1
-    dst = os.path.join(dst_dir, f'{step}.{n}')
-  os.replace(src, dst)
-  return dst
-
-
-def restore_newest_readable(workdir: str, chunk: int, keep: int, abstract, num_real: int,
-                            mesh):
-  """``(manager, states, step)`` of chunk ``chunk`` from its newest checkpoint
-  that restores; ``(manager, None, 0)`` if it has none.
-
-  A checkpoint that fails to restore (truncated or emptied files, missing
-  metadata) is moved aside to ``checkpoints/corrupt/``, with a warning, once an
-  older one has restored; if none restores, nothing is moved and the run is
-  refused with :class:`ConfigError`.
-  """
-  mngr = _manager(workdir, chunk, keep)
-  failed = []
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      states = restore_states(mngr, step, abstract, num_real, mesh)
-    except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore, json
-      failed.append((step, f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'))
-      continue
-    if failed:
-      mngr.close()
-      for bad, why in failed:
-        where = _move_aside(workdir, chunk, bad) if jax.process_index() == 0 else '?'
-        logging.warning('Chunk %d: checkpoint %d could not be read (%s); moved it to %s and'
-                        ' resumed from step %d.', chunk, bad, why[:300], where, step)
-      _barrier(f'capvae:corrupt:{chunk}')
-      mngr = _manager(workdir, chunk, keep)
-    return mngr, states, step
-  if failed:
-    mngr.close()
-    raise config_lib.ConfigError(
-        f'{os.path.join(workdir, CHECKPOINT_DIR, f"chunk_{chunk:03d}")}: no checkpoint'
-        f' could be read (steps {", ".join(str(s) for s, _ in failed)}; the newest failed'
-        f' with {failed[0][1][:300]}). Nothing was moved or deleted. Check the files (a'
-        ' full disk? a partial copy?), or train in a new --workdir.')
-  return mngr, None, 0
-
-
 def build_program(model, spec: StepSpec, dataset, mesh, member_loop: str):
   """``(init, train_step, dataset)`` placed on ``mesh``: what a run executes.
 
@@ -709,55 +416,6 @@ def build_program(model, spec: StepSpec, dataset, mesh, member_loop: str):
   return init, train_step, dataset
 
 
-class Prefetcher:
-  """Feeds a streamed dataset (``dataset.streamed``) to the step, a few steps ahead.
-
-  The batch of step ``s`` is ``dataset.batch(data_seed, s, batch_size)``, a pure
-  function of the step; a background thread reads, decodes and places the
-  next ``ahead`` batches while the device trains. Datasets held on the device
-  need none of this: the step renders their batches itself.
-  """
-
-  def __init__(self, dataset, spec: StepSpec, sharding, start: int, stop: int,
-               ahead: int = 4):
-    import queue
-    import threading
-    self._queue = queue.Queue(maxsize=ahead)
-    self._done = threading.Event()
-    self.wait_seconds = 0.0
-
-    def produce():
-      try:
-        for s in range(start, stop):
-          item = jax.device_put(dataset.batch(spec.data_seed, s, spec.batch_size), sharding)
-          while not self._done.is_set():
-            try:
-              self._queue.put((s, item), timeout=0.1)
-              break
-            except queue.Full:
-              continue
-          if self._done.is_set():
-            return
-      except BaseException as e:  # pylint: disable=broad-except
-        self._queue.put((None, e))
-
-    self._thread = threading.Thread(target=produce, name='capvae-prefetch', daemon=True)
-    self._thread.start()
-
-  def __call__(self, step: int):
-    t0 = time.perf_counter()
-    s, item = self._queue.get()
-    self.wait_seconds += time.perf_counter() - t0
-    if s is None:
-      raise item
-    assert s == step, (s, step)
-    return item
-
-  def close(self) -> None:
-    self._done.set()
-    self._thread.join(timeout=10)
-
-
 def _flag_frozen(rows, warned: set[int]) -> None:
   for r in rows:
     if r['frozen'] and r['member'] not in warned:
@@ -767,33 +425,6 @@ def _flag_frozen(rows, warned: set[int]) -> None:
           'Member %d diverged at step %d (non-finite loss, gradient or parameter):'
           ' frozen at its last finite parameters; the other members train on.'
           ' Hyperparameters: %s', r['member'], r['frozen_step'], hp)
-
-
-def keep_freed_memory() -> bool:
-  """Makes glibc keep freed buffers for reuse instead of handing them back.
-
-  XLA's CPU client allocates each execution's temporaries as one block with
-  ``malloc`` and frees it at the end (a Burgess step at batch 64: 37 MB; mlp
-  more). glibc serves a block above its mmap threshold, which cannot be set
-  above 32 MiB, with a fresh ``mmap`` and returns it with ``munmap`` when it is
-  freed, so every step faulted all of its pages in again: 9,100 minor faults
-  and ~35 ms of system time a Burgess step on 2 cores, 21,500 and ~80 ms an mlp
-  step. Below the threshold, its adaptive threshold and heap trimming did the
-  same for the first hundred or so steps of a process. So: no ``mmap`` for
-  allocations (every block comes from the heap), one arena (a thread's own
-  arena is itself mapped, in heaps of at most 64 MiB, and unmapped when it
-  empties), and no trimming of the heap below 1 GiB free. Once the heap has
-  grown to the program's working size (a few steps), a step faults no page
-  in. Best called before JAX starts its threads (``capvae.main`` does): arenas
-  made before stay in use. Returns whether it applied (glibc only).
-  """
-  try:
-    libc = ctypes.CDLL('libc.so.6')
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_arena_max, 1) and
-                libc.mallopt(m_trim_threshold, 1 << 30))
-  except (OSError, AttributeError):  # not glibc
-    return False
 
 
 def train_and_evaluate(config, workdir: str) -> ts.TrainState:
@@ -809,11 +440,10 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   """
   # Everything that can reject the run happens before anything is written.
   config_lib.validate(config)
-  keep_freed_memory()
-  dataset = data.get(config.dataset, config.dataset_path,
-                 config.get('dataset_split', 'train'))
+  config_lib.normalize(config)
+  dataset = data.get(config.dataset, config.dataset_path, config.dataset_split)
   config_lib.check_against_dataset(config, dataset)
-  resuming = check_workdir(workdir, config) is not None
+  resuming = workdir_lib.check_workdir(workdir, config) is not None
   config_lib.check_devices(config, len(jax.devices()), jax.process_count())
   streamed = getattr(dataset, 'streamed', False)
   if streamed and jax.process_count() > 1:
@@ -823,18 +453,18 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
 
   spec = StepSpec.from_config(config)
   member_rows = sweep.members(config)
-  model = models.get(config.model, config.latent_size, dataset.observation_shape,
-                     config.get('init', 'lecun'))
-  mesh = make_mesh(jax.devices()[:config.num_devices or None], config.get('data_shards', 1))
-  rows = sweep.padded_size(len(member_rows), config.chunk_size, member_rows_of(mesh))
+  model = models.get(config.model, config.latent_size, dataset.observation_shape, config.init)
+  mesh = parallel.make_mesh(jax.devices()[:config.num_devices or None], config.data_shards)
+  rows = sweep.padded_size(len(member_rows), config.chunk_size, mesh.shape['member'])
   primary = jax.process_index() == 0
 
   def write_config():
     if primary:
       os.makedirs(workdir, exist_ok=True)
-      workdir_lib.write_json(os.path.join(workdir, CONFIG_FILE), _config_dict(config))
-      workdir_lib.write_json(os.path.join(workdir, MEMBERS_FILE), member_rows)
-    _barrier('capvae:workdir')
+      workdir_lib.write_json(os.path.join(workdir, workdir_lib.CONFIG_FILE),
+                             workdir_lib.config_dict(config))
+      workdir_lib.write_json(os.path.join(workdir, workdir_lib.MEMBERS_FILE), member_rows)
+    parallel.barrier('capvae:workdir')
 
   # A new run writes its config first (a workdir with checkpoints but no config
   # is refused); a resumed one rewrites it (new bookkeeping values) only once
@@ -850,13 +480,13 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   logging.info('%d member(s) in %d chunk(s) of %d rows over %d device(s) (%d'
                ' process(es)); members run by %s.', len(member_rows),
                len(sweep.chunks(len(member_rows), config.chunk_size)), rows, mesh.size,
-               jax.process_count(), resolve_member_loop(config.member_loop))
-  metrics_path = os.path.join(workdir, METRICS_FILE)
+               jax.process_count(), parallel.resolve_member_loop(config.member_loop))
+  metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   compiled, states = None, None
   for chunk, ids in enumerate(sweep.chunks(len(member_rows), config.chunk_size)):
     chunk_rows = [member_rows[i] for i in ids]
     hparams = sweep.stack(sweep.pad(chunk_rows, rows))
-    mngr, states, step = restore_newest_readable(
+    mngr, states, step = workdir_lib.restore_newest_readable(
         workdir, chunk, config.keep_checkpoints, jax.eval_shape(init, hparams),
         len(chunk_rows), mesh)
     try:
@@ -868,7 +498,7 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
         write_config()
       if primary:
         workdir_lib.truncate_metrics(metrics_path, ids, step)
-      _barrier(f'capvae:chunk{chunk}:{step}')
+      parallel.barrier(f'capvae:chunk{chunk}:{step}')
       if step >= config.num_steps:
         logging.info('Chunk %d: nothing to do (step %d >= num_steps %d).', chunk,
                      step, config.num_steps)
@@ -880,8 +510,8 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
                      time.perf_counter() - t0)
       feed = None
       if streamed:
-        feed = Prefetcher(stream, spec, jax.tree.leaves(dataset)[0].sharding, step,
-                          config.num_steps)
+        feed = Prefetcher(stream, spec.data_seed, spec.batch_size,
+                          jax.tree.leaves(dataset)[0].sharding, step, config.num_steps)
       try:
         states, stopped = _train_chunk(config, compiled, states, feed or dataset, step,
                                        mngr, chunk_rows, metrics_path if primary else None)
@@ -921,11 +551,11 @@ def _train_chunk(config, compiled, states, dataset, step, mngr, chunk_rows,
       log_now = logged % config.log_every == 0 or step == num_steps
       stop = mngr.reached_preemption(step)
       if multi:  # a signal reaches one process: agree at log steps
-        stop = stop or (log_now and _any_process(preemption.requested))
+        stop = stop or (log_now and parallel.any_process(preemption.requested))
       else:
         stop = stop or preemption.requested
       if log_now or stop:
-        metrics = _fetch(metrics)
+        metrics = parallel.fetch(metrics)
         now = time.perf_counter()
         rate = (step - step_last) / max(now - t_last, 1e-9)
         t_last, step_last = now, step
@@ -953,107 +583,3 @@ def _train_chunk(config, compiled, states, dataset, step, mngr, chunk_rows,
         logging.warning('Stopped at step %d; rerun the same command to resume.', step)
         return states, True
   return states, False
-
-
-# --------------------------------------------------------------------------
-# One member out of a sweep.
-# --------------------------------------------------------------------------
-
-
-def load_config(workdir: str):
-  """The config a workdir was trained with (its ``config.json``)."""
-  import ml_collections
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise config_lib.ConfigError(f'{path} does not exist: not a capvae workdir.')
-  with open(path) as f:
-    config = json.load(f)
-  for k, v in config_lib.LATER_FIELDS.items():
-    config.setdefault(k, v)
-  return ml_collections.ConfigDict(config)
-
-
-def load_chunk(workdir: str, chunk: int, ids, member_rows, model, dataset,
-               spec: StepSpec, step: int | None = None):
-  """``(states, step)``: chunk ``chunk``'s saved stack (every saved row, padding
-  included) at ``step`` (default: the latest), restored on one device."""
-  mngr = _manager(workdir, chunk, create=False)
-  try:
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-      raise config_lib.ConfigError(
-          f'{workdir}: no checkpoint {"" if step is None else step} for chunk {chunk}'
-          f' (members {ids[0]}..{ids[-1]}); saved steps: {list(mngr.all_steps())}.')
-    hparams = sweep.stack([member_rows[i] for i in ids])
-    abstract = jax.eval_shape(
-        lambda h: init_states(model, h, dataset.observation_shape, spec), hparams)
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    try:
-      states = _restore(mngr, step, _with_sharding(abstract, _saved_rows(mngr, step), one))
-    except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore, json
-      raise config_lib.ConfigError(
-          f'{workdir}: checkpoint {step} of chunk {chunk} could not be read'
-          f' ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}).'
-          ' Rerun training in this workdir to move it aside and resume from an older'
-          ' one.') from None
-  finally:
-    mngr.close()
-  return states, step
-
-
-def load_member(workdir: str, member: int, step: int | None = None):
-  """``(config, model, state, row)`` of one member of a trained workdir.
-
-  ``state`` is that member's un-stacked :class:`TrainState` at checkpoint
-  ``step`` (default: the latest), ``row`` its line of the member table, and
-  ``model`` the Flax module (``model.apply(state.params, x, key)``).
-  """
-  config = load_config(workdir)
-  with open(os.path.join(workdir, MEMBERS_FILE)) as f:
-    member_rows = json.load(f)
-  try:
-    chunk, row = sweep.locate(member, len(member_rows), config.chunk_size)
-  except IndexError as e:
-    raise config_lib.ConfigError(f'--member: {e}') from None
-  dataset = data.get(config.dataset, config.dataset_path,
-                 config.get('dataset_split', 'train'))
-  spec = StepSpec.from_config(config)
-  model = models.get(config.model, config.latent_size, dataset.observation_shape,
-                     config.get('init', 'lecun'))
-  ids = sweep.chunks(len(member_rows), config.chunk_size)[chunk]
-  states, _ = load_chunk(workdir, chunk, ids, member_rows, model, dataset, spec, step)
-  state = jax.tree.map(lambda a: a[row], states)
-  return config, model, state, member_rows[member]
-
-
-def extract_member(workdir: str, member: int, out: str, step: int | None = None) -> str:
-  """Writes member ``member`` of ``workdir`` as a stand-alone one-member run.
-
-  ``out`` gets a config (the member's hyperparameters, no sweep), a member
-  table of one row and a checkpoint at the same step, so it can be evaluated
-  or trained further like any single run:
-  ``python -m capvae.main --config configs/from_workdir.py:OUT --workdir OUT``.
-  ``out`` must not exist yet: nothing is ever overwritten.
-  """
-  config, _, state, row = load_member(workdir, member, step)
-  if os.path.exists(out):
-    raise config_lib.ConfigError(f'--out {out!r} exists; give a new directory.')
-  config.unlock()
-  for name in ts.HPARAM_NAMES:
-    config[name] = row[name]
-  config.sweep = {'product': {}, 'zip': {}}
-  config.chunk_size = 0
-  saved_step = int(state.step)
-  os.makedirs(out)
-  workdir_lib.write_json(os.path.join(out, CONFIG_FILE), _config_dict(config))
-  workdir_lib.write_json(os.path.join(out, MEMBERS_FILE), [dict(row, member=0)])
-  workdir_lib.write_json(os.path.join(out, 'extracted_from.json'),
-              {'workdir': os.path.abspath(workdir), 'member': member, 'step': saved_step})
-  mngr = _manager(out, 0)
-  try:
-    mngr.save(saved_step, args=ocp.args.StandardSave(
-        jax.tree.map(lambda a: jnp.asarray(a)[None], state)))
-    mngr.wait_until_finished()
-  finally:
-    mngr.close()
-  return out

@@ -4,8 +4,8 @@
 hyperparameters. It holds no optimizer object: the optax transformation is
 rebuilt inside the step from the member's (traced) learning rate, so the
 learning rate has a single home, ``hparams``, and is checkpointed with it.
-The capacity C is not stored either; it is ``schedule(state.step)``, so it
-resumes exactly with the step.
+The capacity C is not stored either; it is ``schedule(state.step)``
+(:meth:`capvae.losses.Objective.capacity`), so it resumes exactly with the step.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import flax.struct as struct
 import jax
 import jax.numpy as jnp
 import optax
-
-from capvae import schedules
 
 # Scalars that may differ between members of one program (traced).
 HPARAM_NAMES = ('beta', 'gamma', 'c_max', 'c_anneal_steps', 'learning_rate',
@@ -55,11 +53,6 @@ class TrainState(struct.PyTreeNode):
   frozen: jax.Array
   frozen_step: jax.Array
 
-  def capacity(self, schedule: str) -> jax.Array:
-    """C at this state's step under the named schedule."""
-    return schedules.get(schedule, self.hparams.c_max, self.hparams.c_anneal_steps,
-                         self.hparams.c_stair_steps)(self.step)
-
 
 def make_optimizer(learning_rate, *, b1=0.9, b2=0.999, eps=1e-8):
   """Adam with a (possibly traced) learning rate.
@@ -85,3 +78,14 @@ def create(model, hparams: Hparams, example_input, optimizer_kwargs) -> TrainSta
                     opt_state=tx.init(params), hparams=hparams,
                     frozen=jnp.zeros((), jnp.bool_),
                     frozen_step=jnp.full((), -1, jnp.int32))
+
+
+def create_stack(model, hparams: Hparams, observation_shape, optimizer_kwargs) -> TrainState:
+  """Fresh states for a stacked member table ``hparams`` (``[M]`` arrays), stacked."""
+  example = jnp.zeros((1, *observation_shape), jnp.float32)
+  return jax.vmap(lambda h: create(model, h, example, optimizer_kwargs))(hparams)
+
+
+def optimizer_kwargs(config) -> dict[str, float]:
+  """Adam's static settings (``b1``, ``b2``, ``eps``) of a run's config."""
+  return dict(b1=float(config.adam_b1), b2=float(config.adam_b2), eps=float(config.adam_eps))

@@ -4,8 +4,8 @@ r"""The config saved in a workdir, to resume or continue it (e.g. an extracted m
       --workdir runs/member3 --config.num_steps=4000
 """
 
-from capvae import train
+from capvae import workdir as workdir_lib
 
 
 def get_config(workdir):
-  return train.load_config(workdir)
+  return workdir_lib.load_config(workdir)

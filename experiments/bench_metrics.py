@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 from capvae import metrics
+from capvae import workdir as workdir_lib
 
 FACTOR_SIZES = (3, 6, 40, 32, 32)
 
@@ -73,7 +74,7 @@ def trained_codes_fn(workdir: str):
   import jax
   import jax.numpy as jnp
   from capvae import evaluate
-  run = evaluate.RunMembers(workdir)
+  run = workdir_lib.Members(workdir)
   params = jax.tree.map(lambda a: a[:1], run.states.params)
   grid = evaluate.GridCodes(run.model, run.dataset, params)
   factors = jax.ShapeDtypeStruct((grid.chunk, len(run.dataset.factor_sizes)), jnp.int32)

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from capvae import data, models, sweep, train
+from capvae import parallel
 from capvae.config_lib import sibling
 
 
@@ -83,8 +84,8 @@ def main(argv=None):
   parser.add_argument('--min_seconds', type=float, default=2.0)
   args = parser.parse_args(argv)
   counts = [int(m) for m in args.members.split(',')]
-  mesh = train.make_mesh()
-  loop = train.resolve_member_loop(args.loop)
+  mesh = parallel.make_mesh()
+  loop = parallel.resolve_member_loop(args.loop)
   print(f'# bench_sweep: model {args.model}, batch {args.batch_size}, members run by'
         f' {loop}; {mesh.size} {jax.devices()[0].device_kind} device(s);'
         f' jax {jax.__version__}')

@@ -73,6 +73,9 @@ import numpy as np
 import optax
 
 from capvae import data, layers, losses, models, sweep, train
+from capvae import workdir as workdir_lib
+from capvae import parallel
+from capvae import backend
 from capvae import train_state as ts
 from capvae.config_lib import sibling
 
@@ -171,9 +174,9 @@ def bench_capvae(model_name: str, batch: int, warmup: int, steps: int,
   spec = train.StepSpec.from_config(config)
   dataset = data.get(config.dataset, config.dataset_path, config.dataset_split)
   model = models.get(config.model, config.latent_size, dataset.observation_shape)
-  mesh = train.make_mesh(jax.devices()[:data_shards], data_shards)
+  mesh = parallel.make_mesh(jax.devices()[:data_shards], data_shards)
   rows = sweep.members(config)
-  padded = sweep.padded_size(len(rows), config.chunk_size, train.member_rows_of(mesh))
+  padded = sweep.padded_size(len(rows), config.chunk_size, mesh.shape['member'])
   init, step, dataset = train.build_program(model, spec, dataset, mesh, config.member_loop)
   states = init(sweep.stack(sweep.pad(rows, padded)))
   num_params = param_count(states.params, leading=1)
@@ -222,7 +225,7 @@ def bench_capvae(model_name: str, batch: int, warmup: int, steps: int,
               model_flops=reference_flops(model, spec, mbox['state'], x),
               products_s=products_s, products_flops=sum(d[-1] for d in dots),
               render_s=render_s, nodata_s=nodata_s, num_params=num_params,
-              loop=train.resolve_member_loop(config.member_loop), config=config,
+              loop=parallel.resolve_member_loop(config.member_loop), config=config,
               compiled=compiled,
               spec=spec, dataset=dataset, flax_model=model, render=render_c,
               state=mbox['state'], x=x)
@@ -352,7 +355,7 @@ def bench_loop(model_name: str, batch: int, num_steps: int, rounds: int) -> dict
           f'--config.num_steps={r * num_steps}', f'--config.checkpoint_every={every}',
           '--workdir', workdir], env)
     walls.append(time.perf_counter() - t0)
-    with open(os.path.join(workdir, train.METRICS_FILE)) as f:
+    with open(os.path.join(workdir, workdir_lib.METRICS_FILE)) as f:
       rows = [json.loads(line) for line in f]
     rows = [row for row in rows if row['step'] > (r - 1) * num_steps]
     steps = [row['step'] for row in rows]
@@ -821,7 +824,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   # As capvae.main does, before JAX or torch start threads (torch allocates
   # with malloc too).
-  kept = train.keep_freed_memory()
+  kept = backend.keep_freed_memory()
   names = [m.strip() for m in args.models.split(',') if m.strip()]
   log_every = int(default_config(models.MODELS[0], args.batch).log_every)
   if args.loop_steps and (args.loop_steps < 2 * log_every or args.loop_steps % log_every):

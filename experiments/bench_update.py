@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from capvae import data, models, sweep, train
+from capvae import backend
 from capvae import train_state as ts
 from bench_train_step import default_config
 
@@ -44,7 +45,7 @@ def main(argv=None):
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=20)
   args = parser.parse_args(argv)
-  train.keep_freed_memory()
+  backend.keep_freed_memory()
   config = default_config(args.model, 64)
   spec = train.StepSpec.from_config(config)
   dataset = data.get(config.dataset)

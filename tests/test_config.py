@@ -166,3 +166,23 @@ def test_cli_reports_bad_values_with_exit_code_2(tmp_path):
   assert proc.returncode == 2
   assert 'config.gamma = -3.0: must be >= 0' in proc.stderr
   assert not os.path.exists(workdir)
+
+
+def test_normalize_fills_only_the_fields_a_saved_config_lacks():
+  """A config saved before the fields of LATER_FIELDS existed validates as it is,
+  and ``normalize`` gives it those fields with the values such runs used (and
+  leaves every field it has alone)."""
+  import ml_collections
+  config = load_config('test')
+  old = ml_collections.ConfigDict({k: v for k, v in config.items()
+                                   if k not in config_lib.LATER_FIELDS})
+  config_lib.validate(old)  # the rules read LATER_FIELDS' values for absent fields
+  old.init = 'kaiming'  # a field the saved run had: kept
+  normalized = config_lib.normalize(old)
+  assert normalized is old
+  for k, v in config_lib.LATER_FIELDS.items():
+    assert old[k] == ('kaiming' if k == 'init' else v), k
+  assert config_lib.differences(config, old) == ['init: \'lecun\' -> \'kaiming\'']
+  old.init = 'xavier'
+  with pytest.raises(ConfigError, match="config.init = 'xavier' is unknown"):
+    config_lib.validate(old)

@@ -306,3 +306,59 @@ def test_exact_penalty_condition_gamma_below_threshold_runs_past_c():
                                                                 penalty='squared'))
   assert kl - c == pytest.approx(np.exp(-2 * kl) / V / (2 * gamma), rel=0.05)
   assert kl - c > 0.05
+
+
+@pytest.mark.parametrize('kinds', [
+    dict(objective='beta', reconstruction='bernoulli'),
+    dict(objective='beta', reconstruction='raw_dim_mse', beta_norm=True),
+    dict(objective='capacity', reconstruction='gaussian', capacity_penalty='abs'),
+    dict(objective='capacity', reconstruction='bernoulli', capacity_penalty='squared',
+         schedule='staircase'),
+    dict(objective='capacity', reconstruction='bernoulli', capacity_penalty='abs_per_example',
+         schedule='cosine'),
+])
+def test_objective_is_the_named_loss_terms(kinds):
+  """``losses.Objective`` (what a run's config names) against the terms called
+  one by one, with C from the schedule computed by hand."""
+  from types import SimpleNamespace
+  hp = SimpleNamespace(beta=3.0, gamma=40.0, c_max=12.0, c_anneal_steps=100, c_stair_steps=30,
+                       gaussian_variance=0.3)
+  objective = losses.Objective(**kinds)
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.uniform(size=(6, 8, 8, 1)), jnp.float32)
+  out = jnp.asarray(rng.normal(size=(6, 8, 8, 1)), jnp.float32)
+  kl = losses.gaussian_kl(*map(jnp.asarray, _posterior(6, 5, rng=rng)))
+  step = 70
+  rec = objective.reconstruction_loss(out, x, hp)
+  kind = kinds['reconstruction']
+  if kind == 'gaussian':
+    expected_rec = (np.sum((np.asarray(x) - np.asarray(out))**2, axis=(1, 2, 3)) / (2 * 0.3)
+                    + 0.5 * 64 * np.log(2 * np.pi * 0.3))
+  elif kind == 'bernoulli':
+    expected_rec = np.sum(np.logaddexp(0, np.asarray(out)) - np.asarray(x * out), axis=(1, 2, 3))
+  else:
+    expected_rec = np.sum((np.asarray(x) - np.asarray(out))**2, axis=(1, 2, 3))
+  np.testing.assert_allclose(rec, expected_rec, rtol=1e-5)
+  loss, aux = objective(hp, step, rec, kl, input_size=64)
+  kl_b = np.sum(np.asarray(kl, np.float64), axis=1)
+  r = np.asarray(rec, np.float64)
+  if kinds['objective'] == 'beta':
+    expected = (np.mean(r / 64 + 3.0 * 5 / 64 * kl_b / 5) if kinds.get('beta_norm')
+                else np.mean(r + 3.0 * kl_b))
+    c = 0.0
+  else:
+    schedule = kinds.get('schedule', 'linear')
+    frac = {'linear': 0.7, 'staircase': 60 / 100,  # stairs of 30: C steps at 30, 60, 90
+            'cosine': (1 - np.cos(np.pi * 0.7)) / 2}[schedule]
+    c = 12.0 * frac
+    pen = {'abs': abs(np.mean(kl_b) - c), 'squared': (np.mean(kl_b) - c)**2,
+           'abs_per_example': np.mean(np.abs(kl_b - c))}[kinds['capacity_penalty']]
+    expected = np.mean(r) + 40.0 * pen
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(aux['c'], c, rtol=1e-6)
+
+
+def test_objective_refuses_unknown_kinds():
+  for field in ('objective', 'reconstruction', 'capacity_penalty', 'schedule'):
+    with pytest.raises(ValueError, match=f'{field} .nope. is unknown; allowed'):
+      losses.Objective(**{field: 'nope'})

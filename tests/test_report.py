@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from capvae import evaluate, metrics, models, report, train
+from capvae import workdir as workdir_lib
 from conftest import ROOT, load_config
 
 # Under pytest-xdist, on one worker: they share the module's sweep_dir fixture.
@@ -42,7 +43,7 @@ def _eval(workdir):
 
 def test_eval_json_has_one_record_per_member_with_its_hyperparameters(sweep_dir):
   result = _eval(sweep_dir)
-  with open(os.path.join(sweep_dir, train.MEMBERS_FILE)) as f:
+  with open(os.path.join(sweep_dir, workdir_lib.MEMBERS_FILE)) as f:
     members = json.load(f)
   assert result['step'] == 8
   assert len(result['members']) == len(members) == 3
@@ -64,7 +65,7 @@ def test_eval_json_has_one_record_per_member_with_its_hyperparameters(sweep_dir)
 
 def test_grid_codes_equal_each_members_own_encoder(sweep_dir):
   """The shared cache gives every member the means its own restored model gives."""
-  run = evaluate.RunMembers(sweep_dir)
+  run = workdir_lib.Members(sweep_dir)
   grid = evaluate.GridCodes(run.model, run.dataset, run.states.params, chunk=64)
   rng = np.random.default_rng(0)
   factors = np.stack([rng.integers(0, s, 150) for s in run.dataset.factor_sizes], 1)
@@ -72,7 +73,7 @@ def test_grid_codes_equal_each_members_own_encoder(sweep_dir):
   x = jax.jit(run.dataset.render)(factors)
   encode = _apply(run, models.VAE.encode)
   for m in range(run.num_members):
-    _, model, state, _ = train.load_member(sweep_dir, m)
+    _, model, state, _ = workdir_lib.load_member(sweep_dir, m)
     assert model == run.model
     want = np.asarray(encode(state.params, x)[0])
     np.testing.assert_allclose(grid.codes_fn(m)(factors), want, rtol=1e-5, atol=1e-5)
@@ -80,13 +81,13 @@ def test_grid_codes_equal_each_members_own_encoder(sweep_dir):
 
 
 def test_heldout_kl_matches_a_direct_computation(sweep_dir):
-  run = evaluate.RunMembers(sweep_dir)
+  run = workdir_lib.Members(sweep_dir)
   kl, rec, rec_mean, parts = evaluate.heldout_stats(run, num_images=40, seed=3, batch=20)
   base = jax.random.fold_in(jax.random.key(3), 1)
   images = jax.jit(lambda key: run.dataset.render(run.dataset.sample_factors(key, 20)))
   encode = _apply(run, models.VAE.encode)
   for m in range(run.num_members):
-    _, model, state, _ = train.load_member(sweep_dir, m)
+    _, model, state, _ = workdir_lib.load_member(sweep_dir, m)
     assert model == run.model
     per_batch, means = [], []
     for b in range(2):
@@ -106,7 +107,7 @@ def test_heldout_kl_matches_a_direct_computation(sweep_dir):
 
 def test_information_is_that_of_each_members_own_posteriors(sweep_dir):
   result = _eval(sweep_dir)
-  run = evaluate.RunMembers(sweep_dir)
+  run = workdir_lib.Members(sweep_dir)
   flat = evaluate.information_images(run.dataset.num_examples, SCALE, seed=0)
   assert flat.size == evaluate.INFO_MIN_IMAGES == len(np.unique(flat))
   factors = np.stack(np.unravel_index(flat, run.dataset.factor_sizes), 1).astype(np.int32)
@@ -115,7 +116,7 @@ def test_information_is_that_of_each_members_own_posteriors(sweep_dir):
   for m, rec in enumerate(result['members']):
     info = rec['information']
     assert info['num_images'] == flat.size and info['bound'] == pytest.approx(np.log(flat.size))
-    _, _, state, _ = train.load_member(sweep_dir, m)
+    _, _, state, _ = workdir_lib.load_member(sweep_dir, m)
     means, logvars = zip(*[encode(state.params, render(factors[i:i + 2000]))
                            for i in range(0, flat.size, 2000)])
     want = metrics.code_information(np.concatenate(means), np.concatenate(logvars),
@@ -128,7 +129,7 @@ def test_information_is_that_of_each_members_own_posteriors(sweep_dir):
 
 
 def test_traversals_decode_the_first_code_with_one_latent_set(sweep_dir):
-  run = evaluate.RunMembers(sweep_dir)
+  run = workdir_lib.Members(sweep_dir)
   order = [2, 0, 3]
   pics, x, recon = report.model_images(run, 1, order, seed=4, num_recons=3)
   assert pics.shape == (3, len(report.TRAVERSAL_VALUES), *x.shape[1:]) and recon.shape == x.shape

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from capvae import config_lib, sweep, train
+from capvae import workdir as workdir_lib
+from capvae import parallel
 from capvae.errors import ConfigError
 from conftest import ROOT, load_config
 
@@ -153,7 +155,7 @@ def test_new_sweep_values_do_not_recompile():
   from capvae import data, models
   dataset = data.get('dsprites')
   model = models.get('burgess', config.latent_size, dataset.observation_shape)
-  mesh = train.make_mesh()
+  mesh = parallel.make_mesh()
   step = jax.jit(train.make_train_step(model, spec, 'map', mesh))
   init = jax.jit(lambda h: train.init_states(model, h, dataset.observation_shape, spec))
   for zipped in (config.sweep.zip.to_dict(),
@@ -171,7 +173,7 @@ def test_extracted_member_is_a_standalone_run(sweep_run, tmp_path):
       [sys.executable, '-m', 'capvae.extract', '--workdir', workdir, '--member', '1',
        '--out', out], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  cfg, _, state, row = train.load_member(out, 0)
+  cfg, _, state, row = workdir_lib.load_member(out, 0)
   assert _leaves_equal(state, jax.tree.map(lambda a: a[1], states))
   assert row['gamma'] == sweep.members(config)[1]['gamma'] and cfg.gamma == row['gamma']
   assert dict(cfg.sweep.zip) == {} and cfg.chunk_size == 0
@@ -181,9 +183,9 @@ def test_extracted_member_is_a_standalone_run(sweep_run, tmp_path):
   assert int(resumed.step[0]) == config.num_steps + 2
   # Bad requests are refused, and nothing is overwritten.
   with pytest.raises(ConfigError, match='member 3 is not in this run'):
-    train.extract_member(workdir, 3, str(tmp_path / 'x'))
+    workdir_lib.extract_member(workdir, 3, str(tmp_path / 'x'))
   with pytest.raises(ConfigError, match='exists'):
-    train.extract_member(workdir, 1, out)
+    workdir_lib.extract_member(workdir, 1, out)
 
 
 def load_config_from(workdir, **overrides):
@@ -206,7 +208,7 @@ def test_resume_in_chunks_is_bitwise_the_one_go_run(sweep_run, tmp_path):
   assert os.listdir(os.path.join(chunked, 'checkpoints')) and sorted(
       os.listdir(os.path.join(chunked, 'checkpoints'))) == ['chunk_000', 'chunk_001']
   for i in range(3):
-    _, _, state, _ = train.load_member(chunked, i)
+    _, _, state, _ = workdir_lib.load_member(chunked, i)
     assert _leaves_equal(state, jax.tree.map(lambda a: a[i], states))
   assert _leaves_equal(jax.tree.map(lambda a: a[0], last),
                        jax.tree.map(lambda a: a[2], states))
@@ -281,7 +283,7 @@ def _run_cli(workdir, devices, *flags):
 
 
 def _members(workdir):
-  return [train.load_member(workdir, i)[2] for i in range(3)]
+  return [workdir_lib.load_member(workdir, i)[2] for i in range(3)]
 
 
 def _strip(rows):

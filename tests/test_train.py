@@ -15,6 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from capvae import config_lib, data, losses, models, schedules, sweep, train
+from capvae import workdir as workdir_lib
+from capvae import backend
 from capvae import train_state as ts
 from conftest import ROOT, load_config
 
@@ -355,7 +357,7 @@ def test_a_run_saved_before_later_fields_resumes(tmp_path):
     del saved[k]
   with open(path, 'w') as f:
     json.dump(saved, f)
-  loaded = train.load_config(workdir)
+  loaded = workdir_lib.load_config(workdir)
   assert {k: loaded[k] for k in config_lib.LATER_FIELDS} == config_lib.LATER_FIELDS
   config_lib.validate(loaded)
   assert int(_train(workdir, 4).step[0]) == 4
@@ -409,8 +411,8 @@ def test_divergence_fails_loudly_and_keeps_the_checkpoint(tmp_path):
 
 _FAULTS_PROBE = r'''
 import resource, sys
-from capvae import train
-kept = train.keep_freed_memory() if sys.argv[1] == 'kept' else None
+from capvae import backend
+kept = backend.keep_freed_memory() if sys.argv[1] == 'kept' else None
 import jax, jax.numpy as jnp
 # A temporary of 48 MB, above the largest mmap threshold glibc allows (32 MiB).
 f = jax.jit(lambda x: jnp.sum(jax.lax.optimization_barrier(jnp.sin(x)) * 2))

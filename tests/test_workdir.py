@@ -100,9 +100,8 @@ def test_no_readable_checkpoint_is_refused_and_nothing_is_touched(tmp_path):
   # config.json (which a resume with a new num_steps rewrites) and the log are untouched.
   assert before == {p: open(p, 'rb').read() for p in before}
   # Evaluation names the unreadable checkpoint instead of a traceback.
-  from capvae import evaluate  # pylint: disable=g-import-not-at-top
   with pytest.raises(config_lib.ConfigError, match='checkpoint 6 of chunk 0 could not be read'):
-    evaluate.RunMembers(path)
+    workdir.Members(path)
 
 
 def test_a_torn_last_log_line_is_dropped_on_resume_and_skipped_by_readers(tmp_path, reference,
@@ -256,7 +255,7 @@ def test_a_run_saved_before_c_stair_steps_existed_resumes_bitwise(tmp_path, refe
   _train(path, 6)
   _as_saved_before_stairs(path)
   # Evaluation's loader reads it (the field gets the value such runs used) ...
-  _, _, state, row = train.load_member(path, 0)
+  _, _, state, row = workdir.load_member(path, 0)
   assert int(state.hparams.c_stair_steps) == 1 and 'c_stair_steps' not in row
   # ... and training resumes it bitwise as the uninterrupted run.
   states = _train(path, 8)

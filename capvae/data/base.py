@@ -61,11 +61,12 @@ class GroundTruthDataset(abc.ABC):
 
   def flat_index(self, factors: jax.Array) -> jax.Array:
     """Row-major index of factor rows in the grid (last factor fastest)."""
-    strides = _strides(self.factor_sizes)
-    return jnp.sum(factors.astype(jnp.int32) * jnp.asarray(strides, jnp.int32), axis=-1)
+    return jnp.sum(factors.astype(jnp.int32) * jnp.asarray(strides(self.factor_sizes), jnp.int32),
+                   axis=-1)
 
 
-def _strides(sizes: Sequence[int]) -> tuple[int, ...]:
+def strides(sizes: Sequence[int]) -> tuple[int, ...]:
+  """Row-major strides of a grid of ``sizes`` (the last factor fastest)."""
   out, acc = [], 1
   for s in reversed(sizes):
     out.append(acc)

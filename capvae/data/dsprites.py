@@ -135,7 +135,7 @@ class DSpritesNpz(base.GroundTruthDataset):
       raise ConfigError(
           f'dataset_path: latents_classes span a grid of {sizes} ='
           f' {math.prod(sizes)} images but imgs holds {imgs.shape[0]}.')
-    flat = classes.astype(np.int64) @ np.asarray(base._strides(sizes), np.int64)
+    flat = classes.astype(np.int64) @ np.asarray(base.strides(sizes), np.int64)
     if not np.array_equal(flat, np.arange(imgs.shape[0])):
       raise ConfigError(
           'dataset_path: images are not in dSprites order (row-major in'

@@ -242,7 +242,7 @@ class TfdsGroundTruth(_TfdsImageStore):
     self._storage = storage
     self.source = source
     grid = math.prod(self.factor_sizes)
-    strides = base._strides(self.factor_sizes)  # pylint: disable=protected-access
+    strides = base.strides(self.factor_sizes)
     flat = labels.astype(np.int64) @ np.asarray(strides, np.int64)
     present, first = np.unique(flat, return_index=True)
     self.complete_grid = len(present) == grid
@@ -273,7 +273,7 @@ class TfdsGroundTruth(_TfdsImageStore):
     if self.complete_grid:
       return super().sample_factors(key, n)
     flat = self._present[jax.random.randint(key, (n,), 0, self._present.shape[0], jnp.int32)]
-    strides = base._strides(self.factor_sizes)  # pylint: disable=protected-access
+    strides = base.strides(self.factor_sizes)
     sizes = jnp.asarray(self.factor_sizes, jnp.int32)
     return (flat[:, None] // jnp.asarray(strides, jnp.int32)) % sizes
 
@@ -323,7 +323,7 @@ class TfdsStream:
   function of the step, so a resumed run reads exactly the batches it would
   have. :meth:`batch` reads and decodes them (``tfds.data_source``, random
   access) into a :class:`StreamedBatch`; the train loop keeps a few steps
-  ahead on a background thread (:class:`capvae.train.Prefetcher`).
+  ahead on a background thread (:class:`capvae.data.prefetch.Prefetcher`).
   """
 
   has_factors = False

@@ -44,6 +44,7 @@ def cpu() -> str:
 
 def main(argv):
   del argv
+  common.backend.keep_freed_memory()
   unknown = sorted(set(FLAGS.only) - set(EXPERIMENTS))
   if unknown:
     raise app.UsageError(f'--only: unknown {unknown}; allowed: {list(EXPERIMENTS)}.')

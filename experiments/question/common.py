@@ -33,7 +33,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,unused-import
 import numpy as np
 
-from capvae import config_lib, evaluate, losses, train
+from capvae import backend, config_lib, evaluate, losses, train
 from capvae import workdir as workdir_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -119,7 +119,7 @@ def codes(workdir: str, num_images: int, seed: int = 0):
   """``(rows, means, logvars)``: every member's posterior means and log
   variances ``[M, n, L]`` of ``num_images`` grid points drawn without
   replacement (all of them if ``num_images`` is 0), at the last checkpoint."""
-  run = evaluate.RunMembers(workdir)
+  run = workdir_lib.Members(workdir)
   n = run.dataset.num_examples
   flat = (np.arange(n) if not num_images or num_images >= n else
           np.sort(np.random.default_rng(seed).choice(n, num_images, replace=False)))
@@ -136,7 +136,7 @@ def example_kl(means: np.ndarray, logvars: np.ndarray) -> np.ndarray:
 def heldout(workdir: str, num_images: int):
   """Held-out per-latent KL ``[M, L]``, reconstruction ``[M]`` and the KL's
   spread / offset / variance split (``evaluate.heldout_stats``)."""
-  run = evaluate.RunMembers(workdir)
+  run = workdir_lib.Members(workdir)
   kl, rec, _, parts = evaluate.heldout_stats(run, num_images, seed=0)
   return run.rows, kl, rec, parts
 
@@ -171,6 +171,7 @@ def main_of(name: str, run: Callable[[str, str, bool], dict[str, Any]]):
   JSON's path and the time."""
   def main(argv):
     del argv
+    backend.keep_freed_memory()
     t0 = time.perf_counter()
     root = os.path.join(FLAGS.workdir, name)
     numbers = run(root, FLAGS.out or root, FLAGS.quick)

@@ -28,6 +28,7 @@ import numpy as np
 
 import common
 from capvae import evaluate, losses
+from capvae import workdir as workdir_lib
 
 NAME = 'reductions'
 BATCH, BETA = 64, 4.0
@@ -37,7 +38,7 @@ def _batch(root: str):
   workdir = os.path.join(os.path.dirname(os.path.abspath(root)), 'penalties', 'abs')
   if not os.path.exists(os.path.join(workdir, 'config.json')):
     raise SystemExit(f'{workdir} is missing: run experiments/question/penalties.py first.')
-  run = evaluate.RunMembers(workdir)
+  run = workdir_lib.Members(workdir)
   member = max(range(run.num_members), key=lambda m: (run.rows[m]['gamma'], -run.rows[m]['seed']))
   params = jax.tree.map(lambda a: a[member], run.states.params)
   key = jax.random.key(0)

@@ -30,7 +30,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from capvae import config_lib, evaluate, train
+from capvae import backend, config_lib, evaluate, train
+from capvae import workdir as workdir_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(HERE)), 'configs')
@@ -70,7 +71,7 @@ def kl_split(workdir: str, steps, heldout: int):
   """Per checkpoint step and member: held-out KL, its split, and reconstruction."""
   out = []
   for step in steps:
-    run = evaluate.RunMembers(workdir, step)
+    run = workdir_lib.Members(workdir, step)
     kl, rec, rec_mean, parts = evaluate.heldout_stats(run, heldout, seed=0)
     for m, row in enumerate(run.rows):
       out.append({'step': int(step), 'member': m, 'learning_rate': row['learning_rate'],
@@ -116,6 +117,7 @@ def figure(rows, c_of_step):
 
 def main(argv):
   del argv
+  backend.keep_freed_memory()
   t0 = time.perf_counter()
   config = make_config()
   train.train_and_evaluate(config, FLAGS.workdir)

@@ -1,0 +1,37 @@
+"""Process- and platform-level choices, made in one place.
+
+What capvae's code does on every platform is written plainly in the modules
+that do it; what depends on the platform it runs on is chosen here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+
+def keep_freed_memory() -> bool:
+  """Makes glibc keep freed buffers for reuse instead of handing them back.
+
+  XLA's CPU client allocates each execution's temporaries as one block with
+  ``malloc`` and frees it at the end (tens of MB a step for the conv models,
+  more for the MLP). glibc serves a block above its mmap threshold, which
+  cannot be set above 32 MiB, with a fresh ``mmap`` and returns it with
+  ``munmap`` when it is freed, so every step faulted all of its pages in
+  again, in system time that was a large share of a CPU step. So: no ``mmap``
+  for allocations (every block comes from the heap), one arena (a thread's
+  own arena is itself mapped, and unmapped when it empties), and no trimming
+  of the heap below 1 GiB free. Once the heap has grown to the program's
+  working size (a few steps), a step faults no page in.
+
+  A process-wide setting, so entry points make it (``capvae.main``, the
+  experiment scripts), before JAX starts its threads: arenas made before stay
+  in use. It only changes how freed memory is kept, never a number a step
+  computes. Returns whether it applied (glibc only).
+  """
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_arena_max, 1) and
+                libc.mallopt(m_trim_threshold, 1 << 30))
+  except (OSError, AttributeError):  # not glibc
+    return False
