@@ -10,7 +10,7 @@ EVAL_FLAGS ?=
 # XLA compiles); TEST_WORKERS=auto takes one per core, TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 
-.PHONY: install train sweep report answer bench bench-step test clean
+.PHONY: install train sweep report answer bench bench-step bench-device test clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ answer: install
 ## bench: sweep throughput for M = 1, 4, 16, 64 members against the single-member program.
 bench: install
 	$(BIN)/python experiments/bench_sweep.py --members 1,4,16,64
+
+## bench-device: the device check on whatever accelerator JAX sees (experiments/bench_device.py):
+## conv_impl {matmul, xla} × member_loop {vmap, map} × members {1, 16, 64}, in under 5 minutes.
+bench-device: install
+	$(BIN)/python experiments/bench_device.py
 
 ## bench-step: the train step of each model against the matmul rate and, when installed
 ## (pip install torch==2.13.0, or .[bench]), against the same step in PyTorch eager.

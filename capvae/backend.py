@@ -8,6 +8,49 @@ from __future__ import annotations
 
 import ctypes
 
+import jax
+
+# How layers compute (capvae.layers): 'matmul' (matrix products with their
+# gradients written out), 'xla' (XLA's own convolutions and dots), 'auto'.
+CONV_IMPLS = ('auto', 'matmul', 'xla')
+# How a device runs its members (capvae.parallel.over_members): 'map' (one
+# after another, each bit for bit a single run), 'vmap' (batched), 'auto'.
+MEMBER_LOOPS = ('auto', 'map', 'vmap')
+
+
+def _platform(platform: str | None) -> str:
+  return platform or jax.default_backend()
+
+
+def resolve_layers(conv_impl: str, platform: str | None = None) -> str:
+  """``'auto'`` is ``'matmul'`` on CPU and ``'xla'`` on GPU and TPU.
+
+  The matrix-product layers exist because XLA's CPU convolutions are slow
+  inside a loop over members and under ``vmap`` with per-member weights (see
+  :mod:`capvae.layers`); on GPU and TPU XLA's own convolutions are the ones
+  its compilers are built for, until a measurement there
+  (``experiments/bench_device.py``) says otherwise.
+  """
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f'conv_impl {conv_impl!r} is unknown; allowed: {list(CONV_IMPLS)}.')
+  if conv_impl != 'auto':
+    return conv_impl
+  return 'matmul' if _platform(platform) == 'cpu' else 'xla'
+
+
+def resolve_member_loop(member_loop: str, platform: str | None = None) -> str:
+  """``'auto'`` is ``'map'`` on CPU and ``'vmap'`` on GPU and TPU.
+
+  On CPU, a loop over members keeps each member's step exactly a single
+  run's step, at no cost in speed (a CPU runs one member's products at a
+  time anyway); accelerators want fewer, larger kernels.
+  """
+  if member_loop not in MEMBER_LOOPS:
+    raise ValueError(f'member_loop {member_loop!r} is unknown; allowed: {list(MEMBER_LOOPS)}.')
+  if member_loop != 'auto':
+    return member_loop
+  return 'map' if _platform(platform) == 'cpu' else 'vmap'
+
 
 def keep_freed_memory() -> bool:
   """Makes glibc keep freed buffers for reuse instead of handing them back.

@@ -11,12 +11,12 @@ import math
 import numbers
 from typing import Any, Mapping
 
-from capvae import data, losses, models, parallel, schedules, train_state
+from capvae import backend, data, losses, models, schedules, train_state
 from capvae.errors import ConfigError
 
 OPTIMIZERS = ('adam',)
-# How a device runs its members (capvae.parallel.over_members).
-MEMBER_LOOPS = parallel.MEMBER_LOOPS
+MEMBER_LOOPS = backend.MEMBER_LOOPS  # how a device runs its members
+CONV_IMPLS = backend.CONV_IMPLS  # how the layers compute
 
 # Fields that do not change the training trajectory: where a run stops and how
 # it reports. A workdir may be rerun with new values of these (e.g. a larger
@@ -107,6 +107,7 @@ def validate(config) -> None:
   _choice(config, 'schedule', tuple(schedules.SCHEDULES))
   _choice(config, 'optimizer', OPTIMIZERS)
   _choice(config, 'member_loop', MEMBER_LOOPS)
+  _choice(config, 'conv_impl', CONV_IMPLS)
   if not isinstance(_get(config, 'dataset_path'), str):
     raise ConfigError('config.dataset_path must be a string (empty: procedural; for tfds:'
                       ' datasets, the TFDS data_dir).')
@@ -114,20 +115,14 @@ def validate(config) -> None:
     raise ConfigError('config.beta_norm must be True or False.')
   for name, rule in NUMBER_RULES.items():
     _number(config, name, **rule)
-  micro = _get(config, 'microbatch_size')
-  _check_number('config.microbatch_size', micro, lo=0, integer=True)
-  if micro and (micro > config.batch_size or config.batch_size % micro):
-    raise ConfigError(f'config.microbatch_size = {micro}: must divide config.batch_size ='
-                      f' {config.batch_size} (or be 0: chosen for the platform).')
   shards = _get(config, 'data_shards')
   _check_number('config.data_shards', shards, lo=0, lo_open=True, integer=True)
   if config.batch_size % shards:
     raise ConfigError(f'config.data_shards = {shards}: must divide config.batch_size ='
                       f' {config.batch_size} (each device takes an equal share).')
-  if shards > 1 and micro and micro < config.batch_size:
-    raise ConfigError(f'config.data_shards = {shards} with config.microbatch_size = {micro}:'
-                      ' a batch is split over devices or into micro-batches, not both;'
-                      ' set one of them to its default (data_shards 1, microbatch_size 0).')
+  for name, why in REMOVED_FIELDS.items():
+    if name in config and config[name] != REMOVED_DEFAULTS[name]:
+      raise ConfigError(f'config.{name} = {config[name]!r}: this field was removed; {why}')
   validate_sweep(config)
 
 
@@ -204,22 +199,42 @@ def check_against_dataset(config, dataset) -> None:
 
 
 # Fields added after runs were saved without them, and the value such runs used.
-LATER_FIELDS = {'dataset_split': 'train', 'microbatch_size': 0, 'data_shards': 1,
-                'init': 'lecun', **train_state.LATER_HPARAMS}
+LATER_FIELDS = {'dataset_split': 'train', 'data_shards': 1, 'init': 'lecun',
+                'conv_impl': 'auto', **train_state.LATER_HPARAMS}
+# Fields that runs were saved with and capvae no longer has: what they were for,
+# and the value under which a saved run is the same run without them.
+REMOVED_FIELDS = {
+    'microbatch_size': 'each step takes the gradient of the whole batch (micro-batches'
+                       ' were at most a few percent faster on the CPUs measured, and'
+                       ' slower on others). Delete it from the config; a run saved with'
+                       ' micro-batches resumes on whole batches (the same gradient up'
+                       ' to float rounding).',
+}
+REMOVED_DEFAULTS = {'microbatch_size': 0}
 
 
 def normalize(config):
   """Gives ``config`` (in place; returned) the fields of :data:`LATER_FIELDS`
-  that it lacks, with the values runs saved before them used. Every loader of
-  a saved config and the training entry point call it, so the rest of capvae
-  reads every field directly."""
+  that it lacks, with the values runs saved before them used, and drops those
+  of :data:`REMOVED_FIELDS`. Every loader of a saved config and the training
+  entry point call it, so the rest of capvae reads every field directly."""
   missing = {k: v for k, v in LATER_FIELDS.items() if k not in config}
-  if missing:
+  removed = [k for k in REMOVED_FIELDS if k in config]
+  if missing or removed:
     unlocked = getattr(config, 'unlocked', None)
     with unlocked() if unlocked else contextlib.nullcontext():
       for k, v in missing.items():
         config[k] = v
+      for k in removed:
+        del config[k]
   return config
+
+
+def model(config, observation_shape):
+  """The Flax VAE ``config`` names, for images of ``observation_shape``, its
+  layers computed as ``config.conv_impl`` resolves on this platform."""
+  return models.get(config.model, config.latent_size, observation_shape, config.init,
+                    backend.resolve_layers(config.conv_impl))
 
 
 def objective(config) -> losses.Objective:
@@ -230,8 +245,10 @@ def objective(config) -> losses.Objective:
 
 
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:
-  """The fields that define a run's trajectory (all but bookkeeping)."""
-  out = {k: v for k, v in dict(config).items() if k not in BOOKKEEPING_FIELDS}
+  """The fields that define a run's trajectory (all but bookkeeping and removed
+  fields)."""
+  out = {k: v for k, v in dict(config).items()
+         if k not in BOOKKEEPING_FIELDS and k not in REMOVED_FIELDS}
   for k, v in LATER_FIELDS.items():
     out.setdefault(k, v)
   return out

@@ -85,8 +85,8 @@ class GridCodes:
     self._params = params
     # The same function with XLA's convolutions: faster for a forward pass.
     encoder = model.encoder
-    if hasattr(encoder, 'conv_impl'):
-      encoder = encoder.clone(conv_impl='xla')
+    if hasattr(encoder, 'impl'):
+      encoder = encoder.clone(impl='xla')
 
     def encode(params, factors):
       x = dataset.render(factors)

@@ -16,8 +16,8 @@ import sys
 from absl import app
 from absl import flags
 
-from capvae import config_lib
 from capvae import workdir as workdir_lib
+from capvae.errors import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'A trained (sweep) workdir.')
@@ -32,7 +32,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
     out = workdir_lib.extract_member(FLAGS.workdir, FLAGS.member, FLAGS.out, FLAGS.step)
-  except config_lib.ConfigError as e:
+  except ConfigError as e:
     print(f'capvae.extract: error: {e}', file=sys.stderr)
     sys.exit(2)
   print(f'Wrote member {FLAGS.member} of {FLAGS.workdir} to {out}.')

@@ -38,6 +38,12 @@ are computed with one operand channels first (see :func:`_channels_first`);
 :class:`Dense` is ``nn.Dense`` with its weight gradient written the same way.
 The test suite checks outputs and gradients against the Flax modules with the same
 weights.
+
+All of this is for XLA's CPU backend. Each layer takes ``impl``: ``'matmul'``
+(the above) or ``'xla'`` (the plain ``lax`` convolution and ``jnp.dot``, with
+automatic gradients), the same function with the same parameters;
+:func:`capvae.backend.resolve_layers` picks ``'matmul'`` on CPU and ``'xla'``
+on GPU and TPU.
 """
 
 from __future__ import annotations
@@ -211,7 +217,7 @@ def conv2d(x, kernel, strides: Sequence[int]):
 
   Stride 1 is padding and a window product; stride 2 with even kernels on
   even images (every encoder layer here) is space-to-depth and a window
-  product over blocks. Other shapes build the patches from strided slices.
+  product over blocks. Other strides and shapes: use ``impl='xla'``.
   """
   kh, kw, cin, cout = kernel.shape
   sh, sw = strides
@@ -224,11 +230,9 @@ def conv2d(x, kernel, strides: Sequence[int]):
     # Tap (2a + di, 2b + dj) reads sub-pixel (di, dj) of block (o + a, p + b).
     k = kernel.reshape(kh // 2, 2, kw // 2, 2, cin, cout).transpose(0, 2, 1, 3, 4, 5)
     return conv_valid(_space_to_depth(xp), k.reshape(kh // 2, kw // 2, 4 * cin, cout))
-  oh, ow = -(-h // sh), -(-w // sw)
-  cols = [xp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
-          for i in range(kh) for j in range(kw)]
-  patches = jnp.concatenate(cols, axis=-1)  # [B, oh, ow, kh·kw·C], (i, j, c) order
-  return jnp.dot(patches, kernel.reshape(kh * kw * cin, cout))
+  raise ValueError(f'conv2d supports stride 1, or stride 2 with even kernels on even images;'
+                   f' got strides {tuple(strides)}, kernel {kh}×{kw}, image {h}×{w}.'
+                   " Use impl='xla' for other convolutions.")
 
 
 def conv_transpose2d(x, kernel):
@@ -275,33 +279,44 @@ def _dense_bwd(res, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+IMPLS = ('matmul', 'xla')
+
+
+def _check_impl(impl: str) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f'layer impl {impl!r} is unknown; allowed: {list(IMPLS)}.')
+
+
 class Dense(nn.Module):
   """``nn.Dense(features)`` on ``[N, C]`` inputs: the same parameters (names, shapes,
-  initialisers) and function, with the weight gradient of :func:`dense`."""
+  initialisers) and function; ``impl='matmul'`` with the weight gradient of
+  :func:`dense`."""
   features: int
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+  impl: str = 'matmul'  # one of IMPLS
 
   @nn.compact
   def __call__(self, x):
+    _check_impl(self.impl)
     if x.ndim != 2:
       raise ValueError(f'Dense takes [N, C] inputs, got shape {tuple(x.shape)}; flatten first.')
     kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
-    return dense(x, kernel) + bias
+    return (dense(x, kernel) if self.impl == 'matmul' else jnp.dot(x, kernel)) + bias
 
 
 class Conv(nn.Module):
   """``nn.Conv(features, kernel_size, strides, padding='SAME')``, as a matmul.
 
-  ``impl='xla'`` computes the same function with XLA's own convolution, which
-  is the faster one on CPU for a forward pass at large batch (evaluation);
-  ``'matmul'`` (default) is the one that trains fast in every context.
+  ``impl='xla'`` computes the same function with XLA's own convolution (on
+  CPU also the faster one for a forward pass at large batch: evaluation);
+  ``'matmul'`` is the one that trains fast on CPU in every context.
   """
   features: int
   kernel_size: Sequence[int]
   strides: Sequence[int] = (1, 1)
-  impl: str = 'matmul'
+  impl: str = 'matmul'  # one of IMPLS
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
 
@@ -310,8 +325,7 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
-    if self.impl not in ('matmul', 'xla'):
-      raise ValueError(f"Conv impl {self.impl!r} is unknown; allowed: ['matmul', 'xla'].")
+    _check_impl(self.impl)
     if self.impl == 'xla':
       y = jax.lax.conv_general_dilated(x, kernel, self.strides, 'SAME',
                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -321,14 +335,22 @@ class Conv(nn.Module):
 
 
 class ConvTranspose(nn.Module):
-  """``nn.ConvTranspose(features, (4, 4), (2, 2), padding='SAME')``, as matmuls."""
+  """``nn.ConvTranspose(features, (4, 4), (2, 2), padding='SAME')``, as matmuls
+  (``impl='matmul'``) or XLA's transposed convolution (``'xla'``)."""
   features: int
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+  impl: str = 'matmul'  # one of IMPLS
 
   @nn.compact
   def __call__(self, x):
+    _check_impl(self.impl)
     kernel = self.param('kernel', self.kernel_init, (4, 4, x.shape[-1], self.features),
                         jnp.float32)
     bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
-    return conv_transpose2d(x, kernel) + bias
+    if self.impl == 'xla':
+      y = jax.lax.conv_transpose(x, kernel, (2, 2), 'SAME',
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    else:
+      y = conv_transpose2d(x, kernel)
+    return y + bias

@@ -37,15 +37,8 @@ Aux = dict[str, Array]
 
 
 def _sum_per_example(x: Array) -> Array:
-  """Sums every axis but the leading (batch) one.
-
-  Written as a product with a vector of ones: XLA's CPU backend runs a sum
-  over an image's pixels as a YNNPACK reduction that took 0.75 ms for 16
-  images of 64×64 in the train step (standalone 0.71 ms, against 0.15–0.32
-  for the product); with the product, burgess's step takes 0.96× the time.
-  """
-  flat = x.reshape(x.shape[0], -1)
-  return jnp.dot(flat, jnp.ones((flat.shape[1],), x.dtype))
+  """Sums every axis but the leading (batch) one."""
+  return jnp.sum(x, axis=tuple(range(1, x.ndim)))
 
 
 # --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import jax
 from capvae import config_lib
 from capvae import backend
 from capvae import train
+from capvae.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -169,7 +170,7 @@ def main(argv):
   try:
     if FLAGS.mode == 'train':
       if FLAGS.config is None:
-        raise config_lib.ConfigError('--config is required with --mode=train.')
+        raise ConfigError('--config is required with --mode=train.')
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'evaluate':
       from capvae import evaluate  # pylint: disable=g-import-not-at-top
@@ -181,7 +182,7 @@ def main(argv):
       path = report.write_report(FLAGS.workdir, eval_scale=FLAGS.eval_scale,
                                  dci_estimator=FLAGS.dci_estimator, seed=FLAGS.eval_seed)
       print(f'wrote {path}')
-  except config_lib.ConfigError as e:
+  except ConfigError as e:
     _fail(str(e))
   except OSError as e:  # the workdir or a file it names: missing, read-only, full
     where = e.filename or FLAGS.workdir

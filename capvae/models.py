@@ -53,51 +53,22 @@ class ConvEncoder(nn.Module):
   latent_size: int
   convs: Sequence[tuple[int, int]]  # (features, kernel size), stride 2 each
   dense: Sequence[int]
-  conv_impl: str = 'matmul'  # see capvae.layers.Conv
   init: str = 'lecun'  # one of INITS
+  impl: str = 'matmul'  # how the layers compute: capvae.layers.IMPLS
 
   @nn.compact
-  def __call__(self, x, start: int = 0, stop: int | None = None):
-    """``(mean, logvar)`` of images ``x``, or a part of the network.
-
-    With ``stop``, only convolutions ``start … stop − 1`` run and the last one's
-    output is returned before its ReLU; with ``start > 0``, ``x`` is such an
-    output of convolution ``start − 1``. :func:`capvae.train.member_grads` uses
-    this to compute the stem once for the whole batch.
-    """
-    if start:
-      x = nn.relu(x)
-    for i, (features, k) in enumerate(self.convs[start:stop], start):
-      x = layers.Conv(features, (k, k), strides=(2, 2), impl=self.conv_impl,
-                      name=f'Conv_{i}',
-                      **initializers(self.init, 'conv', k * k * x.shape[-1]))(x)
-      if stop is not None and i == stop - 1:
-        return x
-      x = nn.relu(x)
+  def __call__(self, x):
+    """``(mean, logvar)`` of images ``x``."""
+    for features, k in self.convs:
+      x = nn.relu(layers.Conv(features, (k, k), strides=(2, 2), impl=self.impl,
+                              **initializers(self.init, 'conv', k * k * x.shape[-1]))(x))
     x = x.reshape(x.shape[0], -1)
     for width in self.dense:
-      x = nn.relu(layers.Dense(width, **initializers(self.init, 'dense', x.shape[-1]))(x))
-    out = layers.Dense(2 * self.latent_size,
+      x = nn.relu(layers.Dense(width, impl=self.impl,
+                               **initializers(self.init, 'dense', x.shape[-1]))(x))
+    out = layers.Dense(2 * self.latent_size, impl=self.impl,
                        **initializers(self.init, 'dense', x.shape[-1]))(x)
     return out[:, :self.latent_size], out[:, self.latent_size:]
-
-
-def encoder_stem(model) -> int:
-  """How many leading encoder convolutions form the stem, whose forward pass
-  the micro-batched step (:func:`capvae.train.member_grads`) runs on the whole
-  batch and whose backward pass it runs on micro-batches: up to the conv
-  encoders' costliest layer, their second convolution; 0 for the others."""
-  convs = getattr(model.encoder, 'convs', ())
-  return 2 if len(convs) > 2 else 0
-
-
-def decoder_head(model) -> int:
-  """How many leading transposed convolutions (after the dense layers) the
-  micro-batched step runs once for the whole batch
-  (:func:`capvae.train.member_grads`): all but the last two, the costliest,
-  for the conv decoders; 0 for the others."""
-  deconvs = getattr(model.decoder, 'deconvs', ())
-  return len(deconvs) - 1 if len(deconvs) > 1 else 0
 
 
 class ConvDecoder(nn.Module):
@@ -107,34 +78,24 @@ class ConvDecoder(nn.Module):
   base_features: int
   deconvs: Sequence[int]  # features of the first three transposed convs
   init: str = 'lecun'  # one of INITS
+  impl: str = 'matmul'  # how the layers compute: capvae.layers.IMPLS
 
   @nn.compact
-  def __call__(self, z, start: int = 0, stop: int | None = None):
-    """Decoder outputs for latents ``z``, or a part of the network.
-
-    With ``stop`` (≥ 1), only the dense layers and transposed convolutions
-    ``0 … stop − 1`` run and the last one's output is returned before its
-    ReLU; with ``start > 0``, ``z`` is such an output of transposed
-    convolution ``start − 1``. :func:`capvae.train.member_grads` uses this to
-    run the head once for the whole batch.
-    """
+  def __call__(self, z):
+    """Decoder outputs for latents ``z``."""
     h, w, c = self.image_shape
     features = (*self.deconvs, c)
-    if start:
-      x = nn.relu(z)
-    else:
-      base_h, base_w = h // 16, w // 16
-      x = z
-      for width in self.dense:
-        x = nn.relu(layers.Dense(width, **initializers(self.init, 'dense', x.shape[-1]))(x))
-      x = nn.relu(layers.Dense(base_h * base_w * self.base_features,
+    x = z
+    for width in self.dense:
+      x = nn.relu(layers.Dense(width, impl=self.impl,
                                **initializers(self.init, 'dense', x.shape[-1]))(x))
-      x = x.reshape(z.shape[0], base_h, base_w, self.base_features)
-    last = len(features) if stop is None else stop
-    for i in range(start, last):
-      x = layers.ConvTranspose(features[i], name=f'ConvTranspose_{i}',
-                               **initializers(self.init, 'deconv', 16 * features[i]))(x)
-      if i < last - 1:
+    x = nn.relu(layers.Dense((h // 16) * (w // 16) * self.base_features, impl=self.impl,
+                             **initializers(self.init, 'dense', x.shape[-1]))(x))
+    x = x.reshape(z.shape[0], h // 16, w // 16, self.base_features)
+    for i, f in enumerate(features):
+      x = layers.ConvTranspose(f, impl=self.impl,
+                               **initializers(self.init, 'deconv', 16 * f))(x)
+      if i < len(features) - 1:
         x = nn.relu(x)
     return x
 
@@ -160,13 +121,16 @@ class MLPEncoder(nn.Module):
   latent_size: int
   hidden: Sequence[int] = (1200, 1200)
   init: str = 'lecun'  # one of INITS
+  impl: str = 'matmul'  # how the layers compute: capvae.layers.IMPLS
 
   @nn.compact
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1)
     for width in self.hidden:
-      x = nn.relu(layers.Dense(width, **initializers(self.init, 'dense', x.shape[-1]))(x))
-    out = layers.Dense(2 * self.latent_size, **initializers(self.init, 'dense', x.shape[-1]))(x)
+      x = nn.relu(layers.Dense(width, impl=self.impl,
+                               **initializers(self.init, 'dense', x.shape[-1]))(x))
+    out = layers.Dense(2 * self.latent_size, impl=self.impl,
+                       **initializers(self.init, 'dense', x.shape[-1]))(x)
     return out[:, :self.latent_size], out[:, self.latent_size:]
 
 
@@ -175,13 +139,15 @@ class MLPDecoder(nn.Module):
   image_shape: Sequence[int]
   hidden: Sequence[int] = (1200, 1200, 1200)
   init: str = 'lecun'  # one of INITS
+  impl: str = 'matmul'  # how the layers compute: capvae.layers.IMPLS
 
   @nn.compact
   def __call__(self, z):
     x = z
     for width in self.hidden:
-      x = nn.tanh(layers.Dense(width, **initializers(self.init, 'dense', x.shape[-1]))(x))
-    x = layers.Dense(math.prod(self.image_shape),
+      x = nn.tanh(layers.Dense(width, impl=self.impl,
+                               **initializers(self.init, 'dense', x.shape[-1]))(x))
+    x = layers.Dense(math.prod(self.image_shape), impl=self.impl,
                      **initializers(self.init, 'dense', x.shape[-1]))(x)
     return x.reshape(z.shape[0], *self.image_shape)
 
@@ -206,13 +172,9 @@ class VAE(nn.Module):
     eps = jax.random.normal(key, (x.shape[0], self.encoder.latent_size), jnp.float32)
     return self.with_noise(x, eps)
 
-  def with_noise(self, x, eps, **encoder_kwargs):
-    """:meth:`__call__` with its standard normal draw ``eps [B, M]`` given.
-
-    ``encoder_kwargs`` go to the encoder (``start``: ``x`` is the output of the
-    encoder's first ``start`` convolutions, see :class:`ConvEncoder`).
-    """
-    mean, logvar = self.encoder(x, **encoder_kwargs)
+  def with_noise(self, x, eps):
+    """:meth:`__call__` with its standard normal draw ``eps [B, M]`` given."""
+    mean, logvar = self.encoder(x)
     return self.decoder(reparameterize(mean, logvar, eps)), mean, logvar
 
   def encode(self, x):
@@ -231,9 +193,11 @@ _MODELS = {'burgess': burgess, 'locatello': locatello, 'mlp': mlp}
 MODELS = tuple(_MODELS)
 
 
-def get(name: str, latent_size: int, image_shape: Sequence[int], init: str = 'lecun') -> VAE:
+def get(name: str, latent_size: int, image_shape: Sequence[int], init: str = 'lecun',
+        impl: str = 'matmul') -> VAE:
   """Builds the VAE called ``name`` (one of ``MODELS``), its parameters to be
-  initialised by scheme ``init`` (one of ``INITS``)."""
+  initialised by scheme ``init`` (one of ``INITS``), its layers computed by
+  ``impl`` (one of :data:`capvae.layers.IMPLS`: the same function either way)."""
   if name not in _MODELS:
     raise ValueError(f'model {name!r} is unknown; allowed: {sorted(_MODELS)}.')
   if init not in INITS:
@@ -243,5 +207,7 @@ def get(name: str, latent_size: int, image_shape: Sequence[int], init: str = 'le
     raise ValueError(
         f'model {name!r} needs image height and width divisible by 16, got'
         f' {image_shape}.')
+  if impl not in layers.IMPLS:
+    raise ValueError(f'layer impl {impl!r} is unknown; allowed: {list(layers.IMPLS)}.')
   encoder, decoder = _MODELS[name](latent_size, image_shape)
-  return VAE(encoder.clone(init=init), decoder.clone(init=init))
+  return VAE(encoder.clone(init=init, impl=impl), decoder.clone(init=init, impl=impl))

@@ -23,8 +23,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-MEMBER_LOOPS = ('auto', 'map', 'vmap')
-
+from capvae import backend
 
 def make_mesh(devices=None, data_shards: int = 1) -> jax.sharding.Mesh:
   """A ``('member', 'data')`` mesh over ``devices`` (default: all, every host).
@@ -37,16 +36,6 @@ def make_mesh(devices=None, data_shards: int = 1) -> jax.sharding.Mesh:
   if data_shards < 1 or devices.size % data_shards:
     raise ValueError(f'data_shards = {data_shards} must divide the {devices.size} device(s).')
   return jax.sharding.Mesh(devices.reshape(-1, data_shards), ('member', 'data'))
-
-
-def resolve_member_loop(member_loop: str, platform: str | None = None) -> str:
-  """``'auto'`` is ``'map'`` on CPU and ``'vmap'`` on GPU and TPU."""
-  if member_loop not in MEMBER_LOOPS:
-    raise ValueError(f'member_loop {member_loop!r} is unknown; allowed: {list(MEMBER_LOOPS)}.')
-  if member_loop != 'auto':
-    return member_loop
-  platform = platform or jax.default_backend()
-  return 'map' if platform == 'cpu' else 'vmap'
 
 
 def loop_members(member_step, states, x):
@@ -108,7 +97,7 @@ def over_members(member_step: Callable, batch: Callable, member_loop: str = 'map
   kernels, which is what an accelerator wants).
   """
   data_axis = data_axis_of(mesh)
-  member_loop = resolve_member_loop(member_loop)
+  member_loop = backend.resolve_member_loop(member_loop)
 
   def local_step(states, dataset):
     # Members always advance together, so the first one's step is everyone's.

@@ -1,9 +1,9 @@
 """The member step and the training loop.
 
 ``make_member_step`` is one member's update on a batch: the objective's
-gradient (on the whole batch, from a device's share of it, or over
-micro-batches), Adam, and the guarded update that freezes a member whose
-update is not finite. ``make_train_step`` runs it over a stack of members on
+gradient (of the whole batch, or assembled from the devices' shares of it),
+Adam, and the guarded update that freezes a member whose update is not
+finite. ``make_train_step`` runs it over a stack of members on
 a device mesh (:func:`capvae.parallel.over_members`); it is jitted once, with
 hyperparameter values traced.
 
@@ -33,10 +33,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from capvae import config_lib, data, losses, models, parallel, sweep
+from capvae import config_lib, data, losses, parallel, sweep
+from capvae import backend
 from capvae import train_state as ts
 from capvae import workdir as workdir_lib
 from capvae.data.prefetch import Prefetcher
+from capvae.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +46,6 @@ class StepSpec:
   """The static (shape- or program-changing) part of a run's config."""
   objective: losses.Objective
   batch_size: int
-  microbatch: int  # images per micro-batch (see member_grads); the batch size: none
   data_seed: int
   optimizer_kwargs: tuple[tuple[str, float], ...]
 
@@ -53,7 +54,6 @@ class StepSpec:
     return cls(
         objective=config_lib.objective(config),
         batch_size=int(config.batch_size),
-        microbatch=resolve_microbatch(config),
         data_seed=int(config.data_seed),
         optimizer_kwargs=tuple(ts.optimizer_kwargs(config).items()),
     )
@@ -101,105 +101,6 @@ def data_parallel_grads(params, model, hparams: ts.Hparams, step, x, key, spec: 
       argnums=(0, 1), has_aux=True)(gather(rec), gather(kl))
   grads = jax.lax.psum(stats_vjp((mine(w_rec), mine(w_kl)))[0], axis)
   return (loss, aux), grads
-
-
-def member_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec):
-  """``((loss, aux), grads)`` of :func:`member_loss`, over micro-batches.
-
-  With ``spec.microbatch`` below the batch size (``config.microbatch_size``;
-  the default is the whole batch), the costliest layers run on micro-batches of
-  that many images in ``lax.scan``s that sum their gradients, so only a
-  micro-batch's activations of those layers are live at a time, while the small
-  layers in the middle run once on the whole batch, where their products are
-  taller and faster. In order:
-
-  1. whole batch, forward: the encoder's stem
-     (:func:`capvae.models.encoder_stem`), the rest of the encoder, the
-     sample and its KL, the decoder's head (:func:`capvae.models.decoder_head`);
-  2. micro-batches: the decoder's tail and the reconstruction, forward and
-     backward, down to the cotangent of the head's output;
-  3. whole batch, backward: the head, the sample and the KL, the encoder down
-     to the cotangent of the stem's output;
-  4. micro-batches: the stem's backward, recomputing its forward.
-
-  The gradient is the full batch's, exactly up to float rounding: the
-  objective is a function of per-example statistics, linear in the
-  reconstructions, so its gradient is ``Σ_b ∂rec_b·g_rec_b + ∂kl_b·g_kl_b``
-  with weights ``g`` that step 1 fixes (the KL penalty can depend on the batch
-  mean KL). The noise is the same draw as the full batch's.
-  """
-  b = x.shape[0]
-  n = spec.microbatch or b
-  if n >= b:
-    return jax.value_and_grad(member_loss, has_aux=True)(params, model, hparams, step, x,
-                                                         key, spec)
-  input_size = int(np.prod(x.shape[1:]))
-  def part(name):
-    """Applies the encoder or decoder, or layers ``start … stop − 1`` of it
-    (the MLPs take no ``start``/``stop``: for them both are 0 and None)."""
-    def apply(p, v, start=0, stop=None):
-      kw = dict(start=start) if start else {}
-      kw.update(dict(stop=stop) if stop is not None else {})
-      return getattr(model, name).apply({'params': p['params'][name]}, v, **kw)
-    return apply
-
-  encode, decode = part('encoder'), part('decoder')
-  k, j = models.encoder_stem(model), models.decoder_head(model)
-  split = lambda a: a.reshape(b // n, n, *a.shape[1:])
-  merge = lambda a: a.reshape(b, *a.shape[2:])
-  add = lambda *trees: jax.tree.map(lambda *a: sum(a[1:], a[0]), *trees)
-
-  # 1. Whole batch, forward.
-  stem = encode(params, x, stop=k) if k else x
-  (mean, logvar), rest_vjp = jax.vjp(lambda p, s: encode(p, s, start=k), params, stem)
-  eps = jax.random.normal(key, mean.shape, mean.dtype)
-  (z, kl), sample_vjp = jax.vjp(
-      lambda mean, logvar: (models.reparameterize(mean, logvar, eps),
-                            losses.gaussian_kl(mean, logvar)), mean, logvar)
-  if j:
-    head, head_vjp = jax.vjp(lambda p, z: decode(p, z, stop=j), params, z)
-  else:
-    head = z
-  w_rec, w_kl = jax.grad(
-      lambda rec, kl: spec.objective(hparams, step, rec, kl, input_size)[0],
-      argnums=(0, 1))(jnp.zeros((b,), kl.dtype), kl)
-
-  # 2. Micro-batches: the decoder's tail and the reconstruction.
-  def tail_loss(p, h, xs, w):
-    rec = spec.objective.reconstruction_loss(decode(p, h, start=j), xs, hparams)
-    return jnp.sum(w * rec), rec
-
-  # Micro-batch i's cotangent is written over its own rows of the head, which
-  # the scan has just read: a stacked output would be a fresh zeroed buffer.
-  def tail(carry, micro):
-    total, d_head, i = carry
-    (_, rec), (grads, d) = jax.value_and_grad(tail_loss, (0, 1), has_aux=True)(
-        params, jax.lax.dynamic_index_in_dim(d_head, i, 0, False), *micro)
-    d_head = jax.lax.dynamic_update_index_in_dim(d_head, d, i, 0)
-    return (add(total, grads), d_head, i + 1), rec
-
-  (grads, d_head, _), rec = jax.lax.scan(
-      tail, (jax.tree.map(jnp.zeros_like, params), split(head), jnp.int32(0)),
-      (split(x), split(w_rec)))
-
-  # 3. Whole batch, backward.
-  d_head = merge(d_head)
-  if j:
-    g_head, dz = head_vjp(d_head)
-    grads = add(grads, g_head)
-  else:
-    dz = d_head
-  g_rest, d_stem = rest_vjp(sample_vjp((dz, w_kl)))
-  grads = add(grads, g_rest)
-
-  # 4. Micro-batches: the stem's backward.
-  if k:
-    def stem_grads(total, micro):
-      xs, d = micro
-      return add(total, jax.vjp(lambda p: encode(p, xs, stop=k), params)[1](d)[0]), None
-
-    grads, _ = jax.lax.scan(stem_grads, grads, (split(x), split(d_stem)))
-  return spec.objective(hparams, step, merge(rec), kl, input_size), grads
 
 
 def batch_at(dataset: data.GroundTruthDataset, step, spec: StepSpec):
@@ -271,7 +172,7 @@ def make_member_step(model, spec: StepSpec, data_axis: str | None = None):
   def member_step(state: ts.TrainState, x):
     _, noise_key = ts.member_keys(state.hparams.seed)
     key = jax.random.fold_in(noise_key, state.step)
-    grads_fn = (member_grads if data_axis is None else
+    grads_fn = (jax.value_and_grad(member_loss, has_aux=True) if data_axis is None else
                 functools.partial(data_parallel_grads, axis=data_axis))
     (loss, aux), grads = grads_fn(state.params, model, state.hparams, state.step, x, key, spec)
     tx = ts.make_optimizer(state.hparams.learning_rate, **opt_kwargs)
@@ -295,21 +196,6 @@ def make_member_step(model, spec: StepSpec, data_axis: str | None = None):
     return new, aux
 
   return member_step
-
-
-def resolve_microbatch(config) -> int:
-  """Images per micro-batch: ``config.microbatch_size``, or for 0 (auto) the
-  whole batch.
-
-  Micro-batches trade bigger products and one pass over the stem for
-  activations that stay in cache. On a 2-core AVX2 machine the whole batch was
-  faster for every model and batch measured (burgess at 64 images: 0.84–0.94×
-  the step with micro-batches of 16; at 256: 0.87×; locatello at 64: 0.87×);
-  on a 2-core AVX-512 machine micro-batches of 16 were slightly faster for the
-  conv models (burgess at 64: 0.92–1.0×, at 256: 0.93×). The default is the
-  whole batch everywhere; micro-batches bound the activations' memory.
-  """
-  return int(config.microbatch_size) or int(config.batch_size)
 
 
 def make_train_step(model, spec: StepSpec, member_loop: str = 'map',
@@ -447,13 +333,13 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   config_lib.check_devices(config, len(jax.devices()), jax.process_count())
   streamed = getattr(dataset, 'streamed', False)
   if streamed and jax.process_count() > 1:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f'config.dataset = {config.dataset!r} is streamed from the host (too large for the'
         ' device); streaming runs in a single process only.')
 
   spec = StepSpec.from_config(config)
   member_rows = sweep.members(config)
-  model = models.get(config.model, config.latent_size, dataset.observation_shape, config.init)
+  model = config_lib.model(config, dataset.observation_shape)
   mesh = parallel.make_mesh(jax.devices()[:config.num_devices or None], config.data_shards)
   rows = sweep.padded_size(len(member_rows), config.chunk_size, mesh.shape['member'])
   primary = jax.process_index() == 0
@@ -480,7 +366,7 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   logging.info('%d member(s) in %d chunk(s) of %d rows over %d device(s) (%d'
                ' process(es)); members run by %s.', len(member_rows),
                len(sweep.chunks(len(member_rows), config.chunk_size)), rows, mesh.size,
-               jax.process_count(), parallel.resolve_member_loop(config.member_loop))
+               jax.process_count(), backend.resolve_member_loop(config.member_loop))
   metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   compiled, states = None, None
   for chunk, ids in enumerate(sweep.chunks(len(member_rows), config.chunk_size)):

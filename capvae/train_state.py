@@ -10,6 +10,7 @@ The capacity C is not stored either; it is ``schedule(state.step)``
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct as struct
@@ -17,9 +18,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Scalars that may differ between members of one program (traced).
-HPARAM_NAMES = ('beta', 'gamma', 'c_max', 'c_anneal_steps', 'learning_rate',
-                'gaussian_variance', 'seed', 'c_stair_steps')
 INT_HPARAMS = frozenset({'c_anneal_steps', 'seed', 'c_stair_steps'})
 # Hyperparameters added after runs were saved without them, and the value those
 # runs used: their member tables and checkpoints get it on load.
@@ -36,6 +34,10 @@ class Hparams(struct.PyTreeNode):
   gaussian_variance: jax.Array
   seed: jax.Array
   c_stair_steps: jax.Array
+
+
+# Scalars that may differ between members of one program (traced): Hparams' fields.
+HPARAM_NAMES = tuple(f.name for f in dataclasses.fields(Hparams))
 
 
 class TrainState(struct.PyTreeNode):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from capvae import config_lib, data, models, parallel, sweep
+from capvae import config_lib, data, parallel, sweep
 from capvae import train_state as ts
 from capvae.errors import ConfigError
 
@@ -287,8 +287,7 @@ class Run:
     self.config = config = load_config(workdir)
     self.rows = load_members(workdir)
     self.dataset = data.get(config.dataset, config.dataset_path, config.dataset_split)
-    self.model = models.get(config.model, config.latent_size,
-                            self.dataset.observation_shape, config.init)
+    self.model = config_lib.model(config, self.dataset.observation_shape)
     self.objective = config_lib.objective(config)
 
   @property

@@ -76,11 +76,6 @@ def get_config():
   config.adam_b2 = 0.999
   config.adam_eps = 1e-8
   config.batch_size = 64
-  # Images per micro-batch: each step sums the gradients of batch_size /
-  # microbatch_size micro-batches, the same gradient up to float rounding
-  # (capvae.train.member_grads), with fewer activations live at a time. 0: the
-  # whole batch, which is the faster step on the CPUs and batches measured.
-  config.microbatch_size = 0
   # Devices that split each member's batch (data parallel; the same gradient up
   # to float rounding, capvae.train.data_parallel_grads). It must divide the
   # batch and the device count. On a CPU, JAX_NUM_CPU_DEVICES=2 makes two
@@ -100,6 +95,10 @@ def get_config():
   # How a device runs its members: 'map' (one after another, each bit for bit a
   # single run), 'vmap' (batched), 'auto' (map on CPU, vmap on GPU/TPU).
   config.member_loop = 'auto'
+  # How the layers compute (the same function and parameters either way):
+  # 'matmul' (matrix products with written-out gradients, fast on CPU), 'xla'
+  # (XLA's own convolutions), 'auto' (matmul on CPU, xla on GPU/TPU).
+  config.conv_impl = 'auto'
   # Devices the member axis is split over (0: all devices of all processes).
   # Where a member runs does not change its numbers; see the README.
   config.num_devices = 0

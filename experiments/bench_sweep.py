@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from capvae import data, models, sweep, train
+from capvae import backend
 from capvae import parallel
 from capvae.config_lib import sibling
 
@@ -85,7 +86,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   counts = [int(m) for m in args.members.split(',')]
   mesh = parallel.make_mesh()
-  loop = parallel.resolve_member_loop(args.loop)
+  loop = backend.resolve_member_loop(args.loop)
   print(f'# bench_sweep: model {args.model}, batch {args.batch_size}, members run by'
         f' {loop}; {mesh.size} {jax.devices()[0].device_kind} device(s);'
         f' jax {jax.__version__}')

@@ -53,7 +53,6 @@ batch, with its XLA FLOP count.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -225,20 +224,15 @@ def bench_capvae(model_name: str, batch: int, warmup: int, steps: int,
               model_flops=reference_flops(model, spec, mbox['state'], x),
               products_s=products_s, products_flops=sum(d[-1] for d in dots),
               render_s=render_s, nodata_s=nodata_s, num_params=num_params,
-              loop=parallel.resolve_member_loop(config.member_loop), config=config,
+              loop=backend.resolve_member_loop(config.member_loop), config=config,
               compiled=compiled,
               spec=spec, dataset=dataset, flax_model=model, render=render_c,
               state=mbox['state'], x=x)
 
 
 def reference_model(model: models.VAE) -> models.VAE:
-  """``model`` with XLA's own convolutions (``nn.Conv``/``nn.ConvTranspose``), same params."""
-  enc, dec = model.encoder, model.decoder
-  if isinstance(enc, models.ConvEncoder):
-    enc = enc.clone(conv_impl='xla')
-  if isinstance(dec, models.ConvDecoder):
-    dec = _flax_conv_decoder(dec)
-  return models.VAE(enc, dec)
+  """``model`` with XLA's own convolutions and dots (``impl='xla'``), same params."""
+  return models.VAE(model.encoder.clone(impl='xla'), model.decoder.clone(impl='xla'))
 
 
 def reference_flops(model, spec, state, x) -> float:
@@ -248,7 +242,6 @@ def reference_flops(model, spec, state, x) -> float:
   products compute a few more (they run over one extra row and column of
   blocks), and those do not count as work done.
   """
-  spec = dataclasses.replace(spec, microbatch=spec.batch_size)
   step = jax.jit(train.make_member_step(reference_model(model), spec))
   return flops_of(step.lower(state, x).compile())
 
@@ -681,20 +674,20 @@ def profile(res: dict[str, Any], warmup: int, steps: int) -> list[tuple[str, flo
 
   # Alternative formulations of the same layers, same parameters.
   if isinstance(model.encoder, models.ConvEncoder):
-    xla_enc = model.encoder.clone(conv_impl='xla')
+    xla_enc = model.encoder.clone(impl='xla')
 
     def xla_enc_sum(p, x):
       m, lv = xla_enc.apply(p, x)
       return jnp.sum(m) + jnp.sum(lv)
 
-    add('encoder fwd+bwd, conv_impl=xla', jax.grad(xla_enc_sum), enc_p, x)
+    add('encoder fwd+bwd, impl=xla', jax.grad(xla_enc_sum), enc_p, x)
   if isinstance(model.decoder, models.ConvDecoder):
-    flax_dec = _flax_conv_decoder(model.decoder)
+    xla_dec = model.decoder.clone(impl='xla')
 
-    def flax_dec_sum(p, z):
-      return jnp.sum(losses.bernoulli_nll(flax_dec.apply(p, z), x))
+    def xla_dec_sum(p, z):
+      return jnp.sum(losses.bernoulli_nll(xla_dec.apply(p, z), x))
 
-    add('decoder+rec fwd+bwd, nn.ConvTranspose', jax.grad(flax_dec_sum, argnums=(0, 1)),
+    add('decoder+rec fwd+bwd, impl=xla', jax.grad(xla_dec_sum, argnums=(0, 1)),
         dec_p, z)
 
   return out
@@ -759,28 +752,6 @@ def profile_layers(res: dict[str, Any], warmup: int, steps: int):
       out.append(rows_for(name, impls, kernel, xi, g, need_dx=True))
       cin = features
   return out
-
-
-def _flax_conv_decoder(dec: models.ConvDecoder) -> nn.Module:
-  """``dec`` with flax's own ``nn.ConvTranspose`` (XLA convolution), same params."""
-
-  class FlaxConvDecoder(nn.Module):
-
-    @nn.compact
-    def __call__(self, z):
-      h, w, c = dec.image_shape
-      x = z
-      for width in dec.dense:
-        x = nn.relu(nn.Dense(width)(x))
-      x = nn.relu(nn.Dense((h // 16) * (w // 16) * dec.base_features)(x))
-      x = x.reshape(z.shape[0], h // 16, w // 16, dec.base_features)
-      for i, features in enumerate(dec.deconvs):
-        x = nn.relu(nn.ConvTranspose(features, (4, 4), (2, 2), padding='SAME',
-                                     name=f'ConvTranspose_{i}')(x))
-      return nn.ConvTranspose(c, (4, 4), (2, 2), padding='SAME',
-                              name=f'ConvTranspose_{len(dec.deconvs)}')(x)
-
-  return FlaxConvDecoder()
 
 
 # --------------------------------------------------------------------------
@@ -898,9 +869,7 @@ def main(argv=None):
   print(f'# members run by {results[0]["loop"] if results else "-"};'
         ' compile s: ' + ', '.join(f'{r["model"]} {r["compile_s"]:.1f}' for r in results))
   for r in results:
-    micro = (f'micro-batches of {r["spec"].microbatch}' if r['spec'].microbatch < r['spec'].batch_size
-             else 'the whole batch at once')
-    print(f'# {r["model"]}: {micro}; the member step\'s products'
+    print(f'# {r["model"]}: the member step\'s products'
           f' execute {r["products_flops"] / 1e9:.2f} GFLOP (the model: {r["model_flops"] / 1e9:.2f})'
           f' and alone run at {r["products_flops"] / r["products_s"] / 1e9:.1f} GFLOP/s')
   for r in results:

@@ -13,8 +13,7 @@ import json
 import os
 import sys
 
-HPARAMS = ('beta', 'gamma', 'c_max', 'c_anneal_steps', 'learning_rate',
-           'gaussian_variance', 'seed', 'c_stair_steps')
+from capvae.train_state import HPARAM_NAMES as HPARAMS
 
 
 def _f(v, spec):

@@ -186,3 +186,19 @@ def test_normalize_fills_only_the_fields_a_saved_config_lacks():
   old.init = 'xavier'
   with pytest.raises(ConfigError, match="config.init = 'xavier' is unknown"):
     config_lib.validate(old)
+
+
+def test_backend_choices_follow_the_platform():
+  from capvae import backend
+  assert backend.resolve_layers('auto', 'cpu') == 'matmul'
+  assert backend.resolve_layers('auto', 'gpu') == backend.resolve_layers('auto', 'tpu') == 'xla'
+  assert backend.resolve_member_loop('auto', 'cpu') == 'map'
+  assert backend.resolve_member_loop('auto', 'gpu') == 'vmap'
+  for impl in ('matmul', 'xla'):  # an explicit choice is kept on every platform
+    assert backend.resolve_layers(impl, 'gpu') == backend.resolve_layers(impl, 'cpu') == impl
+  config = load_config('test')
+  config.conv_impl = 'xla'
+  assert config_lib.model(config, (64, 64, 1)).encoder.impl == 'xla'
+  config.conv_impl = 'cudnn'
+  with pytest.raises(ConfigError, match="config.conv_impl = 'cudnn' is unknown"):
+    config_lib.validate(config)

@@ -80,51 +80,42 @@ def test_shapes_and_reparameterisation(name):
 
 
 @pytest.mark.parametrize('name', models.MODELS)
-def test_encoder_in_two_parts_and_with_given_noise(name):
-  """The stem and the rest compose to the encoder; ``with_noise`` is ``__call__``'s draw."""
+def test_with_noise_is_the_call_with_its_draw_given(name):
   model, params, _ = _init(name, m=6)
   x = (jax.random.uniform(jax.random.key(2), (3, 64, 64, 1)) > 0.5).astype(jnp.float32)
-  mean, logvar = _apply(model, model.encode)(params, x)
-  enc = jax.jit(lambda x, **kw: model.encoder.apply({'params': params['params']['encoder']}, x, **kw),
-                static_argnames=('start', 'stop'))
-  k = models.encoder_stem(model)
-  assert k == (0 if name == 'mlp' else 2)
-  for stop in range(1, len(getattr(model.encoder, 'convs', ())) + 1):
-    stem = enc(x, stop=stop)
-    assert stem.ndim == 4 and float(jnp.min(stem)) < 0  # before its ReLU
-    m2, l2 = enc(stem, start=stop)
-    np.testing.assert_allclose(m2, mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(l2, logvar, rtol=1e-5, atol=1e-6)
+  mean, _ = _apply(model, model.encode)(params, x)
   key = jax.random.key(5)
   out, _, _ = _apply(model)(params, x, key)
   eps = jax.random.normal(key, mean.shape)
-  with_noise = _apply(model, model.with_noise, static='start')
+  with_noise = _apply(model, model.with_noise)
   out2, _, _ = with_noise(params, x, eps)
   # Two programs, so float rounding may differ; another draw would move every pixel.
   np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-5)
   assert not np.allclose(with_noise(params, x, -eps)[0], out, rtol=1e-2, atol=1e-4)
-  if k:  # from the stem, as the micro-batched step runs it
-    out3, m3, _ = with_noise(params, enc(x, stop=k), eps, start=k)
-    np.testing.assert_allclose(m3, mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out3, out, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('name', models.MODELS)
-def test_decoder_in_two_parts(name):
-  """The head (dense layers and the first transposed convolutions, before the
-  last one's ReLU) and the tail compose to the decoder, for every split."""
-  model, params, _ = _init(name, m=6)
-  z = jax.random.normal(jax.random.key(2), (3, 6))
-  out = _apply(model, model.decode)(params, z)
-  dec = jax.jit(lambda v, **kw: model.decoder.apply({'params': params['params']['decoder']}, v, **kw),
-                static_argnames=('start', 'stop'))
-  j = models.decoder_head(model)
-  assert j == (0 if name == 'mlp' else 2)
-  for stop in range(1, len(getattr(model.decoder, 'deconvs', ())) + 1):
-    head = dec(z, stop=stop)
-    assert head.ndim == 4 and head.shape[1] == 2 ** (stop + 2)  # 4×4, then doubled
-    assert float(jnp.min(head)) < 0  # before its ReLU
-    np.testing.assert_allclose(dec(head, start=stop), out, rtol=1e-5, atol=1e-5)
+def test_xla_layers_compute_the_matmul_layers_function(name):
+  """``impl='xla'`` (GPU and TPU) and ``'matmul'`` (CPU) are one model: the same
+  parameters from the same key, and the same outputs and gradients."""
+  shape = (64, 64, 1)
+  x = (jax.random.uniform(jax.random.key(2), (3, *shape)) > 0.5).astype(jnp.float32)
+  key = jax.random.key(3)
+  out = {}
+  for impl in ('matmul', 'xla'):
+    model = models.get(name, 6, shape, impl=impl)
+    params = jax.jit(model.init)(jax.random.key(0), x, jax.random.key(1))
+    loss = lambda p: jnp.sum(jnp.sin(model.apply(p, x, key)[0])) + jnp.sum(
+        model.apply(p, x, method=model.encode)[0] ** 2)
+    out[impl] = params, jax.jit(jax.value_and_grad(loss))(params)
+  (p_m, (l_m, g_m)), (p_x, (l_x, g_x)) = out['matmul'], out['xla']
+  for a, b in zip(jax.tree.leaves(p_m), jax.tree.leaves(p_x)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(l_x, l_m, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_m)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+  with pytest.raises(ValueError, match="impl 'cudnn' is unknown"):
+    models.get(name, 6, shape, impl='cudnn')
 
 
 def test_unknown_model_and_bad_shape():
@@ -149,7 +140,8 @@ from capvae import layers  # noqa: E402
     (nn.Conv(8, (3, 3), (1, 1), padding='SAME'), layers.Conv(8, (3, 3), (1, 1)), (2, 7, 5, 3)),
     (nn.Conv(4, (3, 2), (1, 1), padding='SAME'), layers.Conv(4, (3, 2), (1, 1)), (2, 6, 5, 8)),
     (nn.Conv(16, (4, 4), (2, 2), padding='SAME'), layers.Conv(16, (4, 4), (2, 2)), (2, 10, 6, 8)),
-    (nn.Conv(8, (3, 3), (2, 2), padding='SAME'), layers.Conv(8, (3, 3), (2, 2)), (2, 9, 8, 3)),
+    (nn.Conv(8, (3, 3), (2, 2), padding='SAME'), layers.Conv(8, (3, 3), (2, 2), impl='xla'),
+     (2, 9, 8, 3)),
     (nn.Conv(32, (4, 4), (2, 2), padding='SAME'), layers.Conv(32, (4, 4), (2, 2), impl='xla'),
      (3, 64, 64, 1)),
     (nn.ConvTranspose(32, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(32), (2, 4, 4, 32)),
@@ -158,6 +150,7 @@ from capvae import layers  # noqa: E402
     (nn.ConvTranspose(3, (4, 4), (2, 2), padding='SAME'), layers.ConvTranspose(3), (2, 5, 7, 8)),
 ])
 def test_matmul_convolutions_equal_flax(ref, fast, shape):
+  """Each layer against Flax's with the same weights (parameters, outputs, gradients)."""
   kx, kp, kc = jax.random.split(jax.random.key(7), 3)
   x = jax.random.normal(kx, shape)
   params = jax.jit(ref.init)(kp, x)
@@ -176,6 +169,12 @@ def test_matmul_convolutions_equal_flax(ref, fast, shape):
   g_fast = jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(params, x)
   for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+
+
+def test_matmul_conv_refuses_what_it_does_not_compute():
+  x = jnp.zeros((2, 9, 8, 3))
+  with pytest.raises(ValueError, match="stride 2 with even kernels on even images.*impl='xla'"):
+    layers.Conv(8, (3, 3), (2, 2)).init(jax.random.key(0), x)
 
 
 @pytest.mark.parametrize('kernel_shape', [(2, 2, 128, 32), (2, 2, 4, 32), (3, 1, 5, 5),

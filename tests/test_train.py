@@ -19,6 +19,7 @@ from capvae import workdir as workdir_lib
 from capvae import backend
 from capvae import train_state as ts
 from conftest import ROOT, load_config
+from capvae.errors import ConfigError
 
 
 def _rows(workdir):
@@ -99,10 +100,8 @@ def _manual_member_step(model, spec, state, x):
   return new, loss_fn(state.params)
 
 
-@pytest.mark.parametrize('microbatch_size', [0, 4])
-def test_stacked_members_equal_separate_runs_and_a_manual_step(microbatch_size):
+def test_stacked_members_equal_separate_runs_and_a_manual_step():
   config = load_config('test')
-  config.microbatch_size = microbatch_size  # 4: two micro-batches of the batch of 8
   # The manual step is a different program, so it rounds differently; with
   # Adam's default eps a near-zero gradient whose sign flips under float noise
   # moves a full lr either way. eps = 1 keeps small updates linear in the
@@ -110,7 +109,6 @@ def test_stacked_members_equal_separate_runs_and_a_manual_step(microbatch_size):
   # member program and agree bit for bit.
   config.adam_eps = 1.0
   spec = train.StepSpec.from_config(config)
-  assert spec.microbatch == (microbatch_size or config.batch_size)
   dataset = data.get('dsprites')
   model = models.get('burgess', config.latent_size, dataset.observation_shape)
   base = sweep.members(config)[0]
@@ -148,83 +146,32 @@ def test_stacked_members_equal_separate_runs_and_a_manual_step(microbatch_size):
   assert any(not np.allclose(leaf[0], leaf[1]) for leaf in jax.tree.leaves(fresh))
 
 
-OBJECTIVES = [dict(objective='capacity', capacity_penalty=p) for p in losses.CAPACITY_PENALTIES] + [
-    dict(objective='beta', beta_norm=False), dict(objective='beta', beta_norm=True),
-    dict(objective='capacity', reconstruction='gaussian'),
-    # The other models' splits (locatello's 64-channel layers; mlp has none).
-    dict(objective='capacity', capacity_penalty='abs', model='locatello'),
-    dict(objective='capacity', capacity_penalty='abs', model='mlp')]
-
-
-@pytest.mark.parametrize('settings', OBJECTIVES, ids=lambda d: '-'.join(map(str, d.values())))
-def test_micro_batches_give_the_full_batch_gradient(settings):
-  """Summed over micro-batches, every objective's gradient is the whole batch's.
-
-  C lies between the batch's mean KL and one micro-batch's, so a step that took
-  the penalty per micro-batch would push that one's KL the wrong way."""
-  config = load_config('test')
-  config.batch_size = 12
-  for k, v in settings.items():
-    config[k] = v
-  dataset = data.get('dsprites')
-  model = models.get(settings.get('model', 'burgess'), config.latent_size,
-                     dataset.observation_shape)
-  whole = train.StepSpec.from_config(config)
-  assert whole.microbatch == config.batch_size  # auto: the whole batch
-  spec = lambda n: train.StepSpec(**dict(vars(whole), microbatch=n))
-  state = jax.tree.map(lambda a: a[0], jax.jit(lambda h: train.init_states(
-      model, h, dataset.observation_shape, whole))(sweep.stack(sweep.members(config))))
-  x = jax.jit(lambda d: train.batch_at(d, 0, whole))(dataset)
-  key = jax.random.key(3)
-  _, mean, logvar = jax.jit(model.apply)(state.params, x, key)
-  kl = np.asarray(jnp.sum(losses.gaussian_kl(mean, logvar), -1), np.float64)
-  micro_means = kl.reshape(3, 4).mean(1)
-  c = 0.5 * (kl.mean() + micro_means.min())
-  assert micro_means.min() < c < kl.mean()
-  hp = state.hparams.replace(c_max=jnp.float32(c), c_anneal_steps=jnp.int32(1), beta=jnp.float32(4.0))
-  (loss, aux), grads = jax.jit(lambda p: train.member_grads(p, model, hp, 5, x, key, spec(12)))(
-      state.params)
-  # Three micro-batches of 4, and for the default objective also four of 3
-  # (the split does not depend on the objective).
-  for n in (4, 3) if settings == OBJECTIVES[0] else (4,):
-    (loss_n, aux_n), grads_n = jax.jit(
-        lambda p: train.member_grads(p, model, hp, 5, x, key, spec(n)))(state.params)
-    np.testing.assert_allclose(loss_n, loss, rtol=1e-6)
-    for k in aux:
-      np.testing.assert_allclose(aux_n[k], aux[k], rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(grads_n), jax.tree.leaves(grads)):
-      np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
-  # Taken per micro-batch, the penalty's gradient differs: the test can tell.
-  if settings.get('capacity_penalty') in ('abs', 'squared'):
-    naive = jax.jit(lambda p: jax.tree.map(lambda *g: sum(g) / 3, *[jax.grad(
-        lambda p: train.member_loss(p, model, hp, 5, x[i:i + 4], key, whole)[0])(p)
-        for i in (0, 4, 8)]))(state.params)
-    assert any(not np.allclose(a, b, rtol=1e-2, atol=1e-4)
-               for a, b in zip(jax.tree.leaves(naive), jax.tree.leaves(grads)))
-
-
-def test_vmapped_members_with_micro_batches_equal_the_member_loop():
-  """``member_loop='vmap'`` (the accelerators' default) batches the members,
-  micro-batches included: same numbers as running them one by one."""
+@pytest.mark.parametrize('model_name', ['burgess', 'mlp'])
+def test_the_accelerators_step_equals_the_cpus(model_name):
+  """``member_loop='vmap'`` with XLA's layers (what ``'auto'`` picks on GPU and
+  TPU) gives the numbers of ``'map'`` with the matrix-product layers (CPU):
+  the same function, computed another way."""
   config = load_config('test')
   config.adam_eps = 1.0  # as above: small updates stay linear in the gradient
-  config.microbatch_size = 4
   spec = train.StepSpec.from_config(config)
   dataset = data.get('dsprites')
-  model = models.get('burgess', config.latent_size, dataset.observation_shape)
   base = sweep.members(config)[0]
   rows = [dict(base, member=0), dict(base, member=1, gamma=50.0, c_max=7.0, seed=5)]
-  init = jax.jit(lambda h: train.init_states(model, h, dataset.observation_shape, spec))
   out = {}
-  for loop in ('map', 'vmap'):
+  for loop, impl in (('map', 'matmul'), ('vmap', 'xla')):
+    model = models.get(model_name, config.latent_size, dataset.observation_shape, impl=impl)
+    init = jax.jit(lambda h, m=model: train.init_states(m, h, dataset.observation_shape, spec))
     step_fn = jax.jit(train.make_train_step(model, spec, loop))
     states = init(sweep.stack(rows))
     for _ in range(2):
       states, metrics = step_fn(states, dataset)
     out[loop] = states, metrics
   np.testing.assert_allclose(out['vmap'][1]['loss'], out['map'][1]['loss'], rtol=1e-5)
+  moved = 0
   for a, b in zip(jax.tree.leaves(out['vmap'][0].params), jax.tree.leaves(out['map'][0].params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    moved += int(np.sum(np.asarray(a) != 0))
+  assert moved > 0
 
 
 @pytest.mark.parametrize('objective, penalty, shards', [
@@ -242,8 +189,8 @@ def test_data_parallel_grads_are_the_whole_batch_gradient(objective, penalty, sh
   x = train.batch_at(dataset, jnp.int32(3), spec)
   key, step = jax.random.key(7), jnp.int32(5)  # C is between 0 and c_max at step 5
   # Compiled: op by op, the two sides took ~50 s per case.
-  whole = jax.jit(lambda xs: train.member_grads(state.params, model, state.hparams, step, xs,
-                                                key, spec))
+  whole = jax.jit(lambda xs: jax.value_and_grad(train.member_loss, has_aux=True)(
+      state.params, model, state.hparams, step, xs, key, spec))
   (loss, aux), grads = whole(x)
   # Each of `shards` devices (here a vmapped axis) holds consecutive images.
   shard = lambda xs: train.data_parallel_grads(state.params, model, state.hparams, step, xs,
@@ -262,35 +209,32 @@ def test_data_parallel_grads_are_the_whole_batch_gradient(objective, penalty, sh
                  for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(grads)))
 
 
-def test_data_shards_must_divide_the_batch_and_not_meet_micro_batches():
+def test_data_shards_must_divide_the_batch_and_the_devices():
   config = load_config('test')  # batch 8
   for bad in (3, 16, 0, -2):
     config.data_shards = bad
-    with pytest.raises(config_lib.ConfigError, match='data_shards'):
+    with pytest.raises(ConfigError, match='data_shards'):
       config_lib.validate(config)
   config.data_shards = 2
   config_lib.validate(config)
-  config.microbatch_size = 4
-  with pytest.raises(config_lib.ConfigError, match='data_shards = 2 with config.microbatch'):
-    config_lib.validate(config)
-  config.microbatch_size = 0
-  with pytest.raises(config_lib.ConfigError, match='must divide the 1 device'):
+  with pytest.raises(ConfigError, match='must divide the 1 device'):
     config_lib.check_devices(config, 1, 1)
   config_lib.check_devices(config, 2, 1)
 
 
-def test_microbatch_size_must_divide_the_batch():
+def test_removed_microbatch_size_is_dropped_at_zero_and_refused_otherwise():
+  """Workdirs saved with ``microbatch_size`` (removed: every step takes the
+  whole batch's gradient) load and resume; a config that asks for
+  micro-batches is told the field is gone."""
   config = load_config('test')
-  for bad in (3, 16, -1):
-    config.microbatch_size = bad
-    with pytest.raises(config_lib.ConfigError, match='microbatch_size'):
-      config_lib.validate(config)
-  config.microbatch_size = 2
+  config.microbatch_size = 0
   config_lib.validate(config)
-  config.batch_size, config.microbatch_size = 64, 0
-  assert train.resolve_microbatch(config) == 64  # auto: the whole batch
-  config.microbatch_size = 16
-  assert train.resolve_microbatch(config) == 16
+  assert config_lib.differences(config, load_config('test')) == []
+  config_lib.normalize(config)
+  assert 'microbatch_size' not in config
+  config.microbatch_size = 4
+  with pytest.raises(ConfigError, match='microbatch_size = 4: this field was removed'):
+    config_lib.validate(config)
 
 
 @pytest.mark.parametrize('in_place_size', [train.IN_PLACE_SIZE, 1],
@@ -346,8 +290,9 @@ def test_hyperparameter_values_do_not_recompile():
 
 
 def test_a_run_saved_before_later_fields_resumes(tmp_path):
-  """A workdir whose config.json predates ``microbatch_size`` and ``dataset_split``
-  resumes with today's config, and its saved config loads and validates."""
+  """A workdir whose config.json predates the fields of ``LATER_FIELDS`` (and
+  still has the removed ``microbatch_size``) resumes with today's config, and
+  its saved config loads and validates."""
   workdir = str(tmp_path / 'old')
   _train(workdir, 2)
   path = os.path.join(workdir, 'config.json')
@@ -355,14 +300,16 @@ def test_a_run_saved_before_later_fields_resumes(tmp_path):
     saved = json.load(f)
   for k in config_lib.LATER_FIELDS:
     del saved[k]
+  saved['microbatch_size'] = 0
   with open(path, 'w') as f:
     json.dump(saved, f)
   loaded = workdir_lib.load_config(workdir)
   assert {k: loaded[k] for k in config_lib.LATER_FIELDS} == config_lib.LATER_FIELDS
+  assert 'microbatch_size' not in loaded
   config_lib.validate(loaded)
   assert int(_train(workdir, 4).step[0]) == 4
-  with pytest.raises(config_lib.ConfigError, match='microbatch_size'):
-    _train(workdir, 6, microbatch_size=4)  # a different trajectory is refused
+  with pytest.raises(ConfigError, match='init'):
+    _train(workdir, 6, init='kaiming')  # a different trajectory is refused
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):

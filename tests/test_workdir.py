@@ -11,7 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from capvae import config_lib, train, workdir
+from capvae import train, workdir
+from capvae.errors import ConfigError
 from conftest import ROOT, load_config
 
 
@@ -93,14 +94,14 @@ def test_no_readable_checkpoint_is_refused_and_nothing_is_touched(tmp_path):
     _zero(os.path.join(path, 'checkpoints', 'chunk_000', str(step)))
   config_path = os.path.join(path, 'config.json')
   before = {p: open(p, 'rb').read() for p in (config_path, os.path.join(path, 'metrics.jsonl'))}
-  with pytest.raises(config_lib.ConfigError, match='no checkpoint could be read'):
+  with pytest.raises(ConfigError, match='no checkpoint could be read'):
     _train(path, 8)
   assert _steps(path) == [4, 6]
   assert not os.path.exists(os.path.join(path, 'checkpoints', 'corrupt'))
   # config.json (which a resume with a new num_steps rewrites) and the log are untouched.
   assert before == {p: open(p, 'rb').read() for p in before}
   # Evaluation names the unreadable checkpoint instead of a traceback.
-  with pytest.raises(config_lib.ConfigError, match='checkpoint 6 of chunk 0 could not be read'):
+  with pytest.raises(ConfigError, match='checkpoint 6 of chunk 0 could not be read'):
     workdir.Members(path)
 
 
@@ -122,11 +123,11 @@ def test_malformed_log_lines_are_named(tmp_path):
   log = str(tmp_path / 'metrics.jsonl')
   with open(log, 'w') as f:
     f.write('{"step": 0, "member": 0}\n{"step": 1, "memb\n{"step": 2, "member": 0}\n')
-  with pytest.raises(config_lib.ConfigError, match=r'metrics.jsonl, line 2: not valid JSON'):
+  with pytest.raises(ConfigError, match=r'metrics.jsonl, line 2: not valid JSON'):
     workdir.read_metrics(log)
   with open(log, 'w') as f:
     f.write('{"step": 0, "member": 0}\n[1, 2]\n')
-  with pytest.raises(config_lib.ConfigError, match='line 2: a metrics row must be a JSON object'):
+  with pytest.raises(ConfigError, match='line 2: a metrics row must be a JSON object'):
     workdir.read_metrics(log)
   # A last row complete but for its newline is kept, and terminated before appending.
   with open(log, 'w') as f:
