@@ -191,11 +191,10 @@ def check_against_dataset(config, dataset) -> None:
     raise ConfigError(
         f'config.batch_size = {config.batch_size}: larger than the dataset'
         f' ({dataset.num_examples} images).')
-  h, w, _ = dataset.observation_shape
-  if config.model != 'mlp' and (h % 16 or w % 16):
-    raise ConfigError(
-        f'config.model = {config.model!r} needs image sides divisible by 16;'
-        f' the dataset has {h}×{w}. Use model="mlp".')
+  problem = models.shape_problem(config.model, dataset.observation_shape)
+  if problem:
+    raise ConfigError(f'config.model = {config.model!r} {problem} (config.dataset ='
+                      f' {config.dataset!r}).')
 
 
 # Fields added after runs were saved without them, and the value such runs used.

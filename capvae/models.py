@@ -193,6 +193,15 @@ _MODELS = {'burgess': burgess, 'locatello': locatello, 'mlp': mlp}
 MODELS = tuple(_MODELS)
 
 
+def shape_problem(name: str, image_shape: Sequence[int]) -> str | None:
+  """Why model ``name`` cannot take images of ``image_shape``, or None: the conv
+  models halve the image four times, so its sides must be divisible by 16."""
+  h, w = int(image_shape[0]), int(image_shape[1])
+  if name != 'mlp' and (h % 16 or w % 16):
+    return f'needs image sides divisible by 16; the images are {h}×{w}. Use model="mlp"'
+  return None
+
+
 def get(name: str, latent_size: int, image_shape: Sequence[int], init: str = 'lecun',
         impl: str = 'matmul') -> VAE:
   """Builds the VAE called ``name`` (one of ``MODELS``), its parameters to be
@@ -203,10 +212,9 @@ def get(name: str, latent_size: int, image_shape: Sequence[int], init: str = 'le
   if init not in INITS:
     raise ValueError(f'init {init!r} is unknown; allowed: {list(INITS)}.')
   image_shape = tuple(int(s) for s in image_shape)
-  if name != 'mlp' and (image_shape[0] % 16 or image_shape[1] % 16):
-    raise ValueError(
-        f'model {name!r} needs image height and width divisible by 16, got'
-        f' {image_shape}.')
+  problem = shape_problem(name, image_shape)
+  if problem:
+    raise ValueError(f'model {name!r} {problem}.')
   if impl not in layers.IMPLS:
     raise ValueError(f'layer impl {impl!r} is unknown; allowed: {list(layers.IMPLS)}.')
   encoder, decoder = _MODELS[name](latent_size, image_shape)
