@@ -119,12 +119,12 @@ def over_members(member_step: Callable, batch: Callable, member_loop: str = 'map
                        out_specs=member, check_vma=False)
 
 
-def relayout(states, num_real: int, rows: int):
-  """The first ``num_real`` members of ``states``, padded to ``rows`` with copies
+def relayout(states, num_real: int, slots: int):
+  """The first ``num_real`` members of ``states``, padded to ``slots`` with copies
   of the last one (the layout :func:`capvae.sweep.pad` gives fresh states)."""
   def fix(x):
     x = x[:num_real]
-    return jnp.concatenate([x, jnp.repeat(x[-1:], rows - num_real, axis=0)])
+    return jnp.concatenate([x, jnp.repeat(x[-1:], slots - num_real, axis=0)])
   return jax.tree.map(fix, states)
 
 

@@ -18,9 +18,11 @@ size, objective, dataset) is refused by :func:`config_lib.validate_sweep`:
 run one sweep per value.
 
 Members are laid out in *chunks* (``config.chunk_size`` members trained
-together, 0 = all of them), and each chunk is padded to a multiple of the
-device count with copies of its last member. Padding members train like any
-other but never appear in logs, tables or extracted models.
+together, 0 = all of them). A chunk's stacked state has one *slot* per member
+on its leading axis, padded to a multiple of the device count with copies of
+its last member. Padding slots train like any other but never appear in logs,
+tables or extracted models. (Three words, three things: a *row* of the member
+table, a *slot* of the stacked state, a *record* of the log.)
 """
 
 from __future__ import annotations
@@ -71,13 +73,14 @@ def chunks(num_members: int, chunk_size: int) -> list[range]:
 
 
 def padded_size(num_members: int, chunk_size: int, num_devices: int) -> int:
-  """Rows of every chunk's stacked state: the chunk size rounded up to devices."""
+  """Slots of every chunk's stacked state (its member axis: members, then
+  padding): the chunk size rounded up to the devices."""
   size = min(chunk_size or num_members, num_members)
   return math.ceil(size / num_devices) * num_devices
 
 
 def locate(member: int, num_members: int, chunk_size: int) -> tuple[int, int]:
-  """``(chunk, row)`` of member id ``member`` in the checkpoint layout."""
+  """``(chunk, slot)`` of member id ``member`` in the checkpoint layout."""
   if not 0 <= member < num_members:
     raise IndexError(f'member {member} is not in this run (0 … {num_members - 1}).')
   size = chunk_size or num_members

@@ -236,19 +236,19 @@ def _to_python(v):
   return v.tolist() if v.ndim else v.item()
 
 
-def metric_rows(step: int, member_rows, metrics, steps_per_sec: float):
-  """One JSON-ready row per member: its id, hyperparameters and metrics.
+def log_records(step: int, member_rows, metrics, steps_per_sec: float):
+  """One JSON-ready record per member: its id, hyperparameters and metrics.
 
-  ``metrics`` are host arrays with a leading member axis; rows beyond
+  ``metrics`` are host arrays with a leading member axis; slots beyond
   ``len(member_rows)`` (padding) are dropped.
   """
-  rows = []
+  records = []
   for i, member in enumerate(member_rows):
     row = {'step': step, **member}
     row.update({k: _to_python(v[i]) for k, v in metrics.items()})
     row['steps_per_sec'] = steps_per_sec
-    rows.append(row)
-  return rows
+    records.append(row)
+  return records
 
 
 def _format_duration(seconds: float) -> str:
@@ -302,8 +302,8 @@ def build_program(model, spec: StepSpec, dataset, mesh, member_loop: str):
   return init, train_step, dataset
 
 
-def _flag_frozen(rows, warned: set[int]) -> None:
-  for r in rows:
+def _flag_frozen(records, warned: set[int]) -> None:
+  for r in records:
     if r['frozen'] and r['member'] not in warned:
       warned.add(r['member'])
       hp = {k: r[k] for k in ts.HPARAM_NAMES}
@@ -322,7 +322,7 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
 
   Returns:
     The final stacked train state of the last chunk trained (members of a
-    one-chunk run, plus any padding rows).
+    one-chunk run, plus any padding slots).
   """
   # Everything that can reject the run happens before anything is written.
   config_lib.validate(config)
@@ -341,7 +341,7 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   member_rows = sweep.members(config)
   model = config_lib.model(config, dataset.observation_shape)
   mesh = parallel.make_mesh(jax.devices()[:config.num_devices or None], config.data_shards)
-  rows = sweep.padded_size(len(member_rows), config.chunk_size, mesh.shape['member'])
+  slots = sweep.padded_size(len(member_rows), config.chunk_size, mesh.shape['member'])
   primary = jax.process_index() == 0
 
   def write_config():
@@ -363,15 +363,15 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
     dataset = stream.batch(spec.data_seed, 0, spec.batch_size)
   init, train_step, dataset = build_program(model, spec, dataset, mesh,
                                             config.member_loop)
-  logging.info('%d member(s) in %d chunk(s) of %d rows over %d device(s) (%d'
+  logging.info('%d member(s) in %d chunk(s) of %d slots over %d device(s) (%d'
                ' process(es)); members run by %s.', len(member_rows),
-               len(sweep.chunks(len(member_rows), config.chunk_size)), rows, mesh.size,
+               len(sweep.chunks(len(member_rows), config.chunk_size)), slots, mesh.size,
                jax.process_count(), backend.resolve_member_loop(config.member_loop))
   metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
   compiled, states = None, None
   for chunk, ids in enumerate(sweep.chunks(len(member_rows), config.chunk_size)):
     chunk_rows = [member_rows[i] for i in ids]
-    hparams = sweep.stack(sweep.pad(chunk_rows, rows))
+    hparams = sweep.stack(sweep.pad(chunk_rows, slots))
     mngr, states, step = workdir_lib.restore_newest_readable(
         workdir, chunk, config.keep_checkpoints, jax.eval_shape(init, hparams),
         len(chunk_rows), mesh)
@@ -392,7 +392,7 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
       if compiled is None:
         t0 = time.perf_counter()
         compiled = train_step.lower(states, dataset).compile()
-        logging.info('Compiled the train step for %d row(s) in %.1fs.', rows,
+        logging.info('Compiled the train step for %d slot(s) in %.1fs.', slots,
                      time.perf_counter() - t0)
       feed = None
       if streamed:
@@ -445,23 +445,23 @@ def _train_chunk(config, compiled, states, dataset, step, mngr, chunk_rows,
         now = time.perf_counter()
         rate = (step - step_last) / max(now - t_last, 1e-9)
         t_last, step_last = now, step
-        rows = metric_rows(logged, chunk_rows, metrics, rate)
-        _flag_frozen(rows, warned)
-        if all(r['frozen'] for r in rows):
+        records = log_records(logged, chunk_rows, metrics, rate)
+        _flag_frozen(records, warned)
+        if all(r['frozen'] for r in records):
           raise FloatingPointError(
-              f'Every member diverged (member(s) {[r["member"] for r in rows]},'
+              f'Every member diverged (member(s) {[r["member"] for r in records]},'
               f' by step {logged}); nothing is saved past the last checkpoint.')
         if log is not None and log_now:  # a stop off the log grid adds no row
-          for row in rows:
+          for row in records:
             log.write(json.dumps(row) + '\n')
           log.flush()
         mean_rate = (step - step_start) / max(now - t_start, 1e-9)
-        live = [r for r in rows if not r['frozen']]
+        live = [r for r in records if not r['frozen']]
         r0 = live[0]
         logging.info(
             'step %d/%d  member %d: loss %.2f  rec %.2f  kl %.2f  C %.2f  |'
             '  %d/%d live  %.2f steps/s, %s left', logged, num_steps, r0['member'],
-            r0['loss'], r0['rec'], r0['kl'], r0['c'], len(live), len(rows), rate,
+            r0['loss'], r0['rec'], r0['kl'], r0['c'], len(live), len(records), rate,
             _format_duration((num_steps - step) / mean_rate))
       if step % config.checkpoint_every == 0 or step == num_steps or stop:
         mngr.save(step, args=ocp.args.StandardSave(states))

@@ -172,8 +172,8 @@ def checkpoint_manager(workdir: str, chunk: int, keep: int | None = None, create
       item_handlers=ocp.StandardCheckpointHandler())
 
 
-def saved_rows(mngr, step: int) -> int:
-  """The length of the member axis in a saved checkpoint."""
+def saved_slots(mngr, step: int) -> int:
+  """The length of the member axis (members and padding) in a saved checkpoint."""
   meta = mngr.item_metadata(step)
   return int(getattr(meta, 'tree', meta)['step'].shape[0])
 
@@ -196,22 +196,22 @@ def restore(mngr, step: int, target):
   return states.replace(hparams=ts.Hparams(**fields))
 
 
-def _with_sharding(abstract, rows: int, sharding):
+def _with_sharding(abstract, slots: int, sharding):
   return jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct((rows, *a.shape[1:]), a.dtype, sharding=sharding),
+      lambda a: jax.ShapeDtypeStruct((slots, *a.shape[1:]), a.dtype, sharding=sharding),
       abstract)
 
 
 def restore_states(mngr, step: int, abstract, num_real: int, mesh):
   """Restores a chunk saved on any device count into this mesh's layout."""
   member = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('member'))
-  rows = jax.tree.leaves(abstract)[0].shape[0]
-  saved = saved_rows(mngr, step)
-  if saved == rows:
-    return restore(mngr, step, _with_sharding(abstract, rows, member))
+  slots = jax.tree.leaves(abstract)[0].shape[0]
+  saved = saved_slots(mngr, step)
+  if saved == slots:
+    return restore(mngr, step, _with_sharding(abstract, slots, member))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   states = restore(mngr, step, _with_sharding(abstract, saved, replicated))
-  return jax.jit(lambda s: parallel.relayout(s, num_real, rows), out_shardings=member)(states)
+  return jax.jit(lambda s: parallel.relayout(s, num_real, slots), out_shardings=member)(states)
 
 
 def _move_aside(workdir: str, chunk: int, step: int) -> str:
@@ -299,7 +299,7 @@ class Run:
     return sweep.chunks(len(self.rows), int(self.config.chunk_size))
 
   def load_chunk(self, chunk: int, step: int | None = None):
-    """``(states, step)``: chunk ``chunk``'s saved stack (every saved row, padding
+    """``(states, step)``: chunk ``chunk``'s saved stack (every saved slot, padding
     included) at ``step`` (default: the latest), restored on one device."""
     ids = self.chunks()[chunk]
     mngr = checkpoint_manager(self.workdir, chunk, create=False)
@@ -316,7 +316,7 @@ class Run:
                                     ts.optimizer_kwargs(self.config)), hparams)
       one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       try:
-        states = restore(mngr, step, _with_sharding(abstract, saved_rows(mngr, step), one))
+        states = restore(mngr, step, _with_sharding(abstract, saved_slots(mngr, step), one))
       except Exception as e:  # pylint: disable=broad-except  # orbax, tensorstore, json
         raise ConfigError(
             f'{self.workdir}: checkpoint {step} of chunk {chunk} could not be read'
@@ -332,11 +332,11 @@ class Run:
     :class:`~capvae.train_state.TrainState` at checkpoint ``step`` (default:
     the latest) and its line of the member table."""
     try:
-      chunk, row = sweep.locate(member, len(self.rows), int(self.config.chunk_size))
+      chunk, slot = sweep.locate(member, len(self.rows), int(self.config.chunk_size))
     except IndexError as e:
       raise ConfigError(f'--member: {e}') from None
     states, _ = self.load_chunk(chunk, step)
-    return jax.tree.map(lambda a: a[row], states), self.rows[member]
+    return jax.tree.map(lambda a: a[slot], states), self.rows[member]
 
 
 class Members(Run):
@@ -344,7 +344,7 @@ class Members(Run):
 
   Attributes (besides :class:`Run`'s):
     states: stacked :class:`~capvae.train_state.TrainState` of the real members
-      (padding rows dropped) on one device, leading axis = member.
+      (padding slots dropped) on one device, leading axis = member.
     step: the checkpoint step.
   """
 
