@@ -115,9 +115,9 @@ def _all_finite(*trees) -> jax.Array:
   The flag is the smallest of the per-leaf flags, taken by a sort: XLA turns
   ``jnp.all`` of a stack of scalars into a chain of ``and``s, one per leaf,
   and fuses a copy of the chain into every elementwise update that reads the
-  flag (burgess: ~60 leaves into ~90 fusions, which doubled the member step's
-  compile time, 11.1 s against 6.5 s on CPU). A sort is not fused, so the chain
-  is computed once.
+  flag (for burgess, ~60 leaves into ~90 fusions, which nearly doubled the
+  member step's compile time). A sort is not fused, so the chain is computed
+  once.
   """
   leaves = [l for t in trees for l in jax.tree.leaves(t)]
   flags = jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves]).astype(jnp.int32)
@@ -127,9 +127,9 @@ def _all_finite(*trees) -> jax.Array:
 # Arrays of the state with at least this many elements are updated in place
 # under a cond rather than chosen elementwise: XLA's CPU code for an in-place
 # select on a donated buffer this big (out of cache) is several times slower
-# than the update itself (mlp's 14 M parameters: 129 against 91 ms a step).
-# Below it, the select costs nothing measurable, and the cond measured slower
-# in the step (locatello: 58 against 63 ms).
+# than the update itself, a third of mlp's step. Below it, the select costs
+# nothing measurable and the cond measured slower. Either way the update is
+# the same function (tests/test_train.py).
 IN_PLACE_SIZE = 1 << 20
 
 

@@ -19,7 +19,7 @@ On the 2-core CPU this was written on: mlp (14 M parameters) select 72 ms,
 cond 20, step 19, none 8; locatello (0.7 M) 1.0, 0.67, 0.91 and 0.37 ms. Alone,
 the cond is the faster for small states too, but in locatello's whole step it
 measured 5 ms slower than the select, which is why ``step`` keeps the select
-below ``IN_PLACE_SIZE`` (experiments/results_train_step.md).
+below ``IN_PLACE_SIZE`` (measured in the git history of experiments/results_train_step.md).
 """
 
 from __future__ import annotations
