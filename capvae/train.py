@@ -185,14 +185,13 @@ def make_member_step(model, spec: StepSpec, data_axis: str | None = None):
     finite = _all_finite(loss, grads, update(*old)[0])
     live = finite & ~state.frozen
     params, opt_state = update_or_keep(update, old, live)
-    frozen = state.frozen | ~finite
     frozen_step = jnp.where(state.frozen | finite, state.frozen_step, state.step)
     aux['grad_norm'] = optax.tree.norm(grads)
     aux['param_norm'] = optax.tree.norm(params)
-    aux['frozen'] = frozen
+    aux['frozen'] = frozen_step >= 0
     aux['frozen_step'] = frozen_step
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                        frozen=frozen, frozen_step=frozen_step)
+                        frozen_step=frozen_step)
     return new, aux
 
   return member_step

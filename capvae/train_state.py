@@ -43,17 +43,26 @@ HPARAM_NAMES = tuple(f.name for f in dataclasses.fields(Hparams))
 class TrainState(struct.PyTreeNode):
   """One member's state.
 
-  ``frozen`` is set when an update would have made the loss, a gradient or a
-  parameter non-finite; from then on the member's params and optimizer state
-  are left as they were (its step still advances with everyone else's), and
-  ``frozen_step`` records the step of the update that was refused (-1: live).
+  ``frozen_step`` is the step of the first update that would have made the
+  loss, a gradient or a parameter non-finite (-1: none). From then on the
+  member is :attr:`frozen`: its params and optimizer state are left as they
+  were (its step still advances with everyone else's).
   """
   step: jax.Array
   params: Any
   opt_state: Any
   hparams: Hparams
-  frozen: jax.Array
   frozen_step: jax.Array
+
+  @property
+  def frozen(self) -> jax.Array:
+    """Whether an update of this member has been refused."""
+    return self.frozen_step >= 0
+
+
+# Fields that checkpoints saved by earlier versions hold and the state no
+# longer has (``frozen`` is derived from ``frozen_step``): dropped on restore.
+REMOVED_FIELDS = ('frozen',)
 
 
 def make_optimizer(learning_rate, *, b1=0.9, b2=0.999, eps=1e-8):
@@ -78,7 +87,6 @@ def create(model, hparams: Hparams, example_input, optimizer_kwargs) -> TrainSta
   tx = make_optimizer(hparams.learning_rate, **optimizer_kwargs)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params), hparams=hparams,
-                    frozen=jnp.zeros((), jnp.bool_),
                     frozen_step=jnp.full((), -1, jnp.int32))
 
 

@@ -20,6 +20,7 @@ file and line of anything else that is not a JSON object.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Iterable
@@ -179,21 +180,34 @@ def saved_slots(mngr, step: int) -> int:
 
 
 def restore(mngr, step: int, target):
-  """``mngr.restore`` into ``target``. A checkpoint saved before a hyperparameter
-  of :data:`capvae.train_state.LATER_HPARAMS` existed is read without it, and
-  the field is filled with the value such runs used."""
+  """``mngr.restore`` into ``target`` (a :class:`~capvae.train_state.TrainState`).
+
+  Checkpoints saved by earlier versions read too: a hyperparameter of
+  :data:`capvae.train_state.LATER_HPARAMS` that one lacks gets the value such
+  runs used, and a field of :data:`capvae.train_state.REMOVED_FIELDS` that one
+  holds is read and dropped.
+  """
   meta = mngr.item_metadata(step)
-  saved = getattr(meta, 'tree', meta)['hparams']
-  missing = [k for k in ts.LATER_HPARAMS if k not in saved]
-  if not missing:
+  saved = getattr(meta, 'tree', meta)
+  missing = [k for k in ts.LATER_HPARAMS if k not in saved['hparams']]
+  removed = [k for k in ts.REMOVED_FIELDS if k in saved]
+  if not missing and not removed:
     return mngr.restore(step, args=ocp.args.StandardRestore(target))
-  present = {k: getattr(target.hparams, k) for k in ts.HPARAM_NAMES if k not in missing}
-  states = mngr.restore(step, args=ocp.args.StandardRestore(target.replace(hparams=present)))
-  fields = dict(states.hparams)
+  # The checkpoint's own structure, as a dict of the state's fields.
+  fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+  fields['hparams'] = {k: getattr(target.hparams, k) for k in ts.HPARAM_NAMES
+                       if k not in missing}
+  like = target.frozen_step  # one value per slot, as every removed field held
+  for k in removed:
+    fields[k] = jax.ShapeDtypeStruct(like.shape, saved[k].dtype if hasattr(saved[k], 'dtype')
+                                     else np.bool_, sharding=like.sharding)
+  states = mngr.restore(step, args=ocp.args.StandardRestore(fields))
+  hparams = dict(states['hparams'])
   for k in missing:
     a = getattr(target.hparams, k)
-    fields[k] = jax.device_put(np.full(a.shape, ts.LATER_HPARAMS[k], a.dtype), a.sharding)
-  return states.replace(hparams=ts.Hparams(**fields))
+    hparams[k] = jax.device_put(np.full(a.shape, ts.LATER_HPARAMS[k], a.dtype), a.sharding)
+  states = {k: v for k, v in states.items() if k not in removed}
+  return ts.TrainState(**dict(states, hparams=ts.Hparams(**hparams)))
 
 
 def _with_sharding(abstract, slots: int, sharding):

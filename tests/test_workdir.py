@@ -219,7 +219,9 @@ def test_sigkill_during_a_checkpoint_save_resumes_bitwise(tmp_path, reference):
 
 def _as_saved_before_stairs(path):
   """Rewrites a workdir as a run saved before config.c_stair_steps existed:
-  config, member table, log and every checkpoint without the field."""
+  config, member table, log and every checkpoint without the field; and with
+  the state's ``frozen`` flag, which checkpoints held before it was derived
+  from ``frozen_step``."""
   for name in ('config.json', 'members.json'):
     p = os.path.join(path, name)
     with open(p) as f:
@@ -241,6 +243,8 @@ def _as_saved_before_stairs(path):
   for s in steps:
     tree = dict(states[s])
     tree['hparams'] = {k: v for k, v in tree['hparams'].items() if k != 'c_stair_steps'}
+    assert 'frozen' not in tree
+    tree['frozen'] = np.asarray(tree['frozen_step']) >= 0
     new.save(s, args=ocp.args.StandardSave(tree))
   new.wait_until_finished()
   new.close()
@@ -249,9 +253,10 @@ def _as_saved_before_stairs(path):
   meta = ocp.CheckpointManager(
       chunk, item_handlers=ocp.StandardCheckpointHandler()).item_metadata(steps[-1])
   assert 'c_stair_steps' not in getattr(meta, 'tree', meta)['hparams']
+  assert 'frozen' in getattr(meta, 'tree', meta)
 
 
-def test_a_run_saved_before_c_stair_steps_existed_resumes_bitwise(tmp_path, reference):
+def test_a_run_saved_by_an_earlier_version_resumes_bitwise(tmp_path, reference):
   path = str(tmp_path / 'run')
   _train(path, 6)
   _as_saved_before_stairs(path)
