@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capvae import data, losses, metrics, models, sweep
+from capvae import losses, metrics, models
 from capvae import workdir as workdir_lib
 from capvae.metrics import information
 from capvae.data import base

@@ -24,7 +24,6 @@ import math
 import os
 import signal
 import time
-from typing import Any
 
 from absl import logging
 import jax

@@ -16,8 +16,6 @@ import pytest
 
 from capvae import config_lib, data, losses, models, schedules, sweep, train
 from capvae import workdir as workdir_lib
-from capvae import backend
-from capvae import train_state as ts
 from conftest import ROOT, load_config
 from capvae.errors import ConfigError
 
