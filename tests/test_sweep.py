@@ -313,9 +313,9 @@ def test_eight_devices_give_the_single_device_result(sweep_run, tmp_path):
   _, config, states = sweep_run
   eight, one = str(tmp_path / 'eight'), str(tmp_path / 'one')
   log = _run_cli(eight, 8)
-  assert 'of 8 rows over 8 device(s)' in log  # 3 members padded to 8 rows
+  assert 'of 8 slots over 8 device(s)' in log  # 3 members padded to 8 slots
   log = _run_cli(one, 8, '--config.num_devices=1')
-  assert 'of 3 rows over 1 device(s)' in log
+  assert 'of 3 slots over 1 device(s)' in log
   # Bitwise: the members' numbers do not depend on where they run.
   for a, b in zip(_members(eight), _members(one)):
     assert _leaves_equal(a, b)
@@ -328,7 +328,7 @@ def test_a_batch_split_over_two_devices_gives_the_whole_batch_result(sweep_run, 
   split = str(tmp_path / 'split')
   log = _run_cli(split, 2, '--config.data_shards=2')
   # The three members run on one row of two devices, each device half the batch.
-  assert 'of 3 rows over 2 device(s)' in log
+  assert 'of 3 slots over 2 device(s)' in log
   rows, whole = _strip(_rows(split)), _strip(_rows(sweep_run[0]))
   assert [(r['member'], r['step']) for r in rows] == [(r['member'], r['step']) for r in whole]
   for a, b in zip(rows, whole):  # the whole batch's loss, KL and C at every log step
@@ -356,7 +356,7 @@ def test_two_processes_give_the_single_process_result(sweep_run, tmp_path):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
-  assert 'of 4 rows over 4 device(s) (2 process(es))' in outs[0]
+  assert 'of 4 slots over 4 device(s) (2 process(es))' in outs[0]
   # Process 0 wrote the log; process 1 wrote its shards of the checkpoints.
   _run_cli(one, 2)
   for a, b in zip(_members(two), _members(one)):
