@@ -120,8 +120,8 @@ def validate(config) -> None:
   if config.batch_size % shards:
     raise ConfigError(f'config.data_shards = {shards}: must divide config.batch_size ='
                       f' {config.batch_size} (each device takes an equal share).')
-  for name, why in REMOVED_FIELDS.items():
-    if name in config and config[name] != REMOVED_DEFAULTS[name]:
+  for name, (default, why) in REMOVED_FIELDS.items():
+    if name in config and config[name] != default:
       raise ConfigError(f'config.{name} = {config[name]!r}: this field was removed; {why}')
   validate_sweep(config)
 
@@ -200,16 +200,15 @@ def check_against_dataset(config, dataset) -> None:
 # Fields added after runs were saved without them, and the value such runs used.
 LATER_FIELDS = {'dataset_split': 'train', 'data_shards': 1, 'init': 'lecun',
                 'conv_impl': 'auto', **train_state.LATER_HPARAMS}
-# Fields that runs were saved with and capvae no longer has: what they were for,
-# and the value under which a saved run is the same run without them.
+# Fields that runs were saved with and capvae no longer has: the value under
+# which a saved run is the same run without them, and what became of them.
 REMOVED_FIELDS = {
-    'microbatch_size': 'each step takes the gradient of the whole batch (micro-batches'
-                       ' were at most a few percent faster on the CPUs measured, and'
-                       ' slower on others). Delete it from the config; a run saved with'
-                       ' micro-batches resumes on whole batches (the same gradient up'
-                       ' to float rounding).',
+    'microbatch_size': (0, 'each step takes the gradient of the whole batch (micro-batches'
+                           ' were at most a few percent faster on the CPUs measured, and'
+                           ' slower on others). Delete it from the config; a run saved with'
+                           ' micro-batches resumes on whole batches (the same gradient up'
+                           ' to float rounding).'),
 }
-REMOVED_DEFAULTS = {'microbatch_size': 0}
 
 
 def normalize(config):
