@@ -25,6 +25,7 @@ import numpy as np
 
 from capvae import backend
 
+
 def make_mesh(devices=None, data_shards: int = 1) -> jax.sharding.Mesh:
   """A ``('member', 'data')`` mesh over ``devices`` (default: all, every host).
 

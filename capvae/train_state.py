@@ -61,8 +61,9 @@ class TrainState(struct.PyTreeNode):
 
 
 # Fields that checkpoints saved by earlier versions hold and the state no
-# longer has (``frozen`` is derived from ``frozen_step``): dropped on restore.
-REMOVED_FIELDS = ('frozen',)
+# longer has, with the dtype they were saved in (one value per member):
+# read and dropped on restore. ``frozen`` is derived from ``frozen_step``.
+REMOVED_FIELDS = {'frozen': jnp.bool_}
 
 
 def make_optimizer(learning_rate, *, b1=0.9, b2=0.999, eps=1e-8):

@@ -197,10 +197,9 @@ def restore(mngr, step: int, target):
   fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
   fields['hparams'] = {k: getattr(target.hparams, k) for k in ts.HPARAM_NAMES
                        if k not in missing}
-  like = target.frozen_step  # one value per slot, as every removed field held
+  like = target.step  # one value per slot, as every removed field held
   for k in removed:
-    fields[k] = jax.ShapeDtypeStruct(like.shape, saved[k].dtype if hasattr(saved[k], 'dtype')
-                                     else np.bool_, sharding=like.sharding)
+    fields[k] = jax.ShapeDtypeStruct(like.shape, ts.REMOVED_FIELDS[k], sharding=like.sharding)
   states = mngr.restore(step, args=ocp.args.StandardRestore(fields))
   hparams = dict(states['hparams'])
   for k in missing:

@@ -5,7 +5,7 @@ r"""Throughput of one sweep program as the member count grows.
 
 For each member count M it builds the sweep train step exactly as training
 does (``train.make_train_step`` over a mesh of all devices, members padded to
-the device count), compiles it, runs warm-up steps, then times ``--steps``
+the device count), compiles it, runs a warm-up step, then times ``--steps``
 steps (at least ``--min_seconds``) and prints
 
 * steps/s of the whole program;
@@ -21,57 +21,22 @@ Members differ in gamma, C_max, learning rate and seed.
 """
 
 import argparse
+import os
 import sys
-import time
 
 import jax
-import numpy as np
 
-from capvae import data, models, sweep, train
-from capvae import backend
-from capvae import parallel
-from capvae.config_lib import sibling
+from capvae import backend, models, parallel
 
-
-def _config(args):
-  import os
-  config = sibling(os.path.join(os.path.dirname(__file__), '..', 'configs', 'x.py'),
-                   'default').get_config()
-  config.model = args.model
-  config.batch_size = args.batch_size
-  config.member_loop = args.loop
-  return config
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_device  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def bench(args, num_members, mesh):
-  config = _config(args)
-  spec = train.StepSpec.from_config(config)
-  dataset = data.get(config.dataset)
-  model = models.get(config.model, config.latent_size, dataset.observation_shape)
-  base = sweep.members(config)[0]
-  rows = [dict(base, member=i, seed=i, gamma=float(100 * (1 + i % 10)),
-               c_max=float(5 + i % 20), learning_rate=float(1e-4 * (1 + i % 5)))
-          for i in range(num_members)]
-  padded = sweep.padded_size(num_members, 0, mesh.size)
-  init, step, dataset = train.build_program(model, spec, dataset, mesh,
-                                           config.member_loop)
-  states = init(sweep.stack(sweep.pad(rows, padded)))
-  t0 = time.perf_counter()
-  compiled = step.lower(states, dataset).compile()
-  compile_s = time.perf_counter() - t0
-  for _ in range(args.warmup):
-    states, metrics = compiled(states, dataset)
-  jax.block_until_ready(states)
-  n, t0 = 0, time.perf_counter()
-  while n < args.steps or time.perf_counter() - t0 < args.min_seconds:
-    states, metrics = compiled(states, dataset)
-    n += 1
-    if n % 8 == 0:
-      jax.block_until_ready(states)
-  jax.block_until_ready(states)
-  seconds = (time.perf_counter() - t0) / n
-  assert np.all(np.isfinite(np.asarray(metrics['loss'])[:num_members]))
-  return seconds, compile_s, n
+  """``(seconds per step, compile seconds, steps timed)`` of the sweep step for
+  ``num_members`` members, built and timed as ``bench_device.time_step`` does."""
+  return bench_device.time_step(args.model, 'auto', args.loop, num_members, args.batch_size,
+                                mesh, args.min_seconds, args.steps)
 
 
 def main(argv=None):
@@ -81,7 +46,6 @@ def main(argv=None):
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--loop', default='auto', choices=('auto', 'map', 'vmap'))
   parser.add_argument('--steps', type=int, default=3)
-  parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--min_seconds', type=float, default=2.0)
   args = parser.parse_args(argv)
   counts = [int(m) for m in args.members.split(',')]
