@@ -82,6 +82,15 @@ NUMBER_RULES = {
     'chunk_size': dict(lo=0, integer=True),
     'num_devices': dict(lo=0, integer=True),
     'seed': dict(lo=0, hi_open=2**31, integer=True),
+    'lambda_od': dict(lo=0.0),
+    'lambda_d_factor': dict(lo=0.0),
+    'disc_learning_rate': dict(lo=0.0, lo_open=True),
+    'kp': dict(lo=0.0),
+    'ki': dict(lo=0.0),
+    'beta_min': dict(),  # negative: the controller may reward KL below C
+    'beta_max': dict(),
+    'discriminator_layers': dict(lo=0, lo_open=True, integer=True),
+    'discriminator_units': dict(lo=0, lo_open=True, integer=True),
     'data_seed': dict(lo=0, hi_open=2**31, integer=True),
 }
 
@@ -105,6 +114,8 @@ def validate(config) -> None:
   _choice(config, 'reconstruction', tuple(losses.RECONSTRUCTIONS))
   _choice(config, 'capacity_penalty', tuple(losses.CAPACITY_PENALTIES))
   _choice(config, 'schedule', tuple(schedules.SCHEDULES))
+  _choice(config, 'tc_estimator', losses.TC_ESTIMATORS)
+  _choice(config, 'dip_type', losses.DIP_TYPES)
   _choice(config, 'optimizer', OPTIMIZERS)
   _choice(config, 'member_loop', MEMBER_LOOPS)
   _choice(config, 'conv_impl', CONV_IMPLS)
@@ -124,6 +135,18 @@ def validate(config) -> None:
     if name in config and config[name] != default:
       raise ConfigError(f'config.{name} = {config[name]!r}: this field was removed; {why}')
   validate_sweep(config)
+  if config.objective == 'controlled_capacity':
+    from capvae import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+    for row in sweep_lib.members(config):
+      if row['beta_min'] > row['beta_max']:
+        raise ConfigError(
+            f'member {row["member"]}: config.beta_min = {row["beta_min"]} is above'
+            f' config.beta_max = {row["beta_max"]}; the controller\'s beta must lie in'
+            ' [beta_min, beta_max].')
+  if config.objective == 'beta_tcvae' and config.tc_estimator == 'mss' and (
+      config.batch_size < 2):
+    raise ConfigError(f'config.batch_size = {config.batch_size}: the mss estimator'
+                      ' (config.tc_estimator) needs a batch of at least 2.')
 
 
 def validate_sweep(config) -> None:
@@ -199,7 +222,9 @@ def check_against_dataset(config, dataset) -> None:
 
 # Fields added after runs were saved without them, and the value such runs used.
 LATER_FIELDS = {'dataset_split': 'train', 'data_shards': 1, 'init': 'lecun',
-                'conv_impl': 'auto', **train_state.LATER_HPARAMS}
+                'conv_impl': 'auto', 'tc_estimator': 'mws', 'dip_type': 'i',
+                'discriminator_layers': 6, 'discriminator_units': 1000,
+                **train_state.LATER_HPARAMS}
 # Fields that runs were saved with and capvae no longer has: the value under
 # which a saved run is the same run without them, and what became of them.
 REMOVED_FIELDS = {
@@ -235,11 +260,17 @@ def model(config, observation_shape):
                     backend.resolve_layers(config.conv_impl))
 
 
-def objective(config) -> losses.Objective:
-  """The :class:`capvae.losses.Objective` that ``config``'s static kinds name."""
-  return losses.Objective(objective=config.objective, reconstruction=config.reconstruction,
-                          capacity_penalty=config.capacity_penalty,
-                          schedule=config.schedule, beta_norm=bool(config.beta_norm))
+def objective(config, num_examples: int = 0) -> losses.Objective:
+  """The :class:`capvae.losses.Objective` that ``config``'s static kinds name;
+  ``num_examples`` is the size of the dataset (the 'mss' estimator's N)."""
+  return losses.Objective(
+      objective=config.objective, reconstruction=config.reconstruction,
+      capacity_penalty=config.capacity_penalty, schedule=config.schedule,
+      beta_norm=bool(config.beta_norm), tc_estimator=config.tc_estimator,
+      dataset_size=int(num_examples) if config.tc_estimator == 'mss' else 0,
+      dip_type=config.dip_type, discriminator_layers=int(config.discriminator_layers),
+      discriminator_units=int(config.discriminator_units),
+      impl=backend.resolve_layers(config.conv_impl))
 
 
 def identity(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -145,25 +145,38 @@ def _unflatten(flat: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
 def heldout_stats(run: workdir_lib.Members, num_images: int, seed: int, batch: int = 500):
   """Per-latent KL ``[M, L]``, reconstruction ``[M]`` (sampled z, the training
   estimate), reconstruction from the mean ``[M]``, averaged over
-  ``num_images`` held-out draws, and the per-latent KL split into offset,
-  spread and variance (:func:`capvae.losses.kl_decomposition`, each ``[M, L]``)."""
+  ``num_images`` held-out draws, the per-latent KL split into offset,
+  spread and variance (:func:`capvae.losses.kl_decomposition`, each ``[M, L]``),
+  and the objective's own scalar terms (its loss's ``aux`` and its state's
+  step, e.g. the total correlation, the discriminator's accuracy, the
+  controller's beta; each ``[M]``), averaged over batches of ``batch``."""
   model, objective, dataset = run.model, run.objective, run.dataset
+  pixels = int(np.prod(dataset.observation_shape))
 
   def one(args, x, key):
-    params, hparams = args
-    out, mean, logvar = model.apply(params, x, key)
+    params, hparams, objective_state = args
+    eps = jax.random.normal(key, (x.shape[0], model.encoder.latent_size), jnp.float32)
+    out, mean, logvar = model.apply(params, x, eps, method=models.VAE.with_noise)
     out_mean = model.apply(params, mean, method=models.VAE.decode)
-    return (jnp.sum(losses.gaussian_kl(mean, logvar), axis=0),
-            jnp.sum(objective.reconstruction_loss(out, x, hparams)),
+    rec = objective.reconstruction_loss(out, x, hparams)
+    stats = losses.Stats(rec=rec, mean=mean, logvar=logvar,
+                         z=models.reparameterize(mean, logvar, eps))
+    _, aux = objective(hparams, run.step, stats, pixels, objective_state)
+    _, more = objective.update(hparams, run.step, stats, objective_state,
+                               jax.random.fold_in(key, 1))
+    terms = {k: v for k, v in {**aux, **more}.items()
+             if jnp.ndim(v) == 0 and k not in OBJECTIVE_TERMS_SKIPPED}
+    return (jnp.sum(losses.gaussian_kl(mean, logvar), axis=0), jnp.sum(rec),
             jnp.sum(objective.reconstruction_loss(out_mean, x, hparams)),
             (jnp.sum(mean, axis=0), jnp.sum(jnp.square(mean), axis=0),
-             jnp.sum(jnp.exp(logvar), axis=0), jnp.sum(logvar, axis=0)))
+             jnp.sum(jnp.exp(logvar), axis=0), jnp.sum(logvar, axis=0)), terms)
 
   @jax.jit
   def stats(states, ds, key):
     fkey, zkey = jax.random.split(key)
     x = ds.render(ds.sample_factors(fkey, batch))
-    return jax.lax.map(lambda a: one(a, x, zkey), (states.params, states.hparams))
+    return jax.lax.map(lambda a: one(a, x, zkey),
+                       (states.params, states.hparams, states.objective_state))
 
   num_batches = max(1, math.ceil(num_images / batch))
   base = jax.random.fold_in(jax.random.key(seed), 1)
@@ -173,12 +186,20 @@ def heldout_stats(run: workdir_lib.Members, num_images: int, seed: int, batch: i
     # seed no training run uses); the others render it inside the program.
     ds = dataset.batch(HELDOUT_STREAM_SEED + seed, b, batch) if _streamed(dataset) else dataset
     out = jax.device_get(stats(run.states, ds, jax.random.fold_in(base, b)))
+    # The objective's terms are batch means: summed in float64, then averaged.
+    out = (*out[:4], {k: np.asarray(v, np.float64) for k, v in out[4].items()})
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
   n = num_batches * batch
   moments = [np.asarray(t, np.float64) for t in totals[3]]
   kl, rec, rec_mean = (np.asarray(t, np.float64) / n for t in totals[:3])
   parts = {k: np.asarray(v) for k, v in losses.kl_decomposition(*moments, n).items()}
-  return kl, rec, rec_mean, parts
+  terms = {k: v / num_batches for k, v in totals[4].items()}
+  return kl, rec, rec_mean, parts, terms
+
+
+# Scalars of an objective's aux that eval.json has elsewhere (or that are
+# bookkeeping): not repeated under 'objective_terms'.
+OBJECTIVE_TERMS_SKIPPED = frozenset({'rec', 'kl'})
 
 
 # Streamed datasets draw held-out records with data seeds from here up (training
@@ -255,7 +276,7 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
   num_heldout = max(100, round(NUM_HELDOUT * scale))
   logging.info('evaluating %d member(s) of %s at step %d (sample sizes %s)',
                run.num_members, workdir, run.step, sizes)
-  kl, rec, rec_mean, kl_parts = heldout_stats(run, num_heldout, seed)
+  kl, rec, rec_mean, kl_parts, terms = heldout_stats(run, num_heldout, seed)
   # Factor metrics need factors over a whole grid; an unlabelled image
   # dataset (tfds:mnist, ...) gets held-out KL and reconstruction only.
   has_factors = (getattr(dataset, 'has_factors', True)
@@ -294,6 +315,9 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
         # (capvae.losses.kl_decomposition): totals and per latent.
         'kl_parts': {k: float(v[m].sum()) for k, v in kl_parts.items()},
         'kl_parts_per_latent': {k: v[m].tolist() for k, v in kl_parts.items()},
+        # The objective's own terms on held-out batches of 500 (the total
+        # correlation, the discriminator's accuracy, the controller's beta...).
+        'objective_terms': {k: float(v[m]) for k, v in terms.items()},
         'latent_factors': factors_of,
         'mutual_information': mi,
         # I(x; z) in nats, with its Monte Carlo error, per latent, and its

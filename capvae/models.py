@@ -184,6 +184,23 @@ class VAE(nn.Module):
     return self.decoder(z)
 
 
+class Discriminator(nn.Module):
+  """FactorVAE's discriminator (Kim & Mnih 2018; disentanglement_lib's
+  ``fc_discriminator``): ``layers`` dense layers of ``units`` with leaky ReLU
+  (slope 0.2), then 2 logits: class 0 a code of the joint q(z), class 1 one
+  whose dimensions were permuted across the batch."""
+  layers: int = 6
+  units: int = 1000
+  impl: str = 'matmul'  # one of capvae.layers.IMPLS
+
+  @nn.compact
+  def __call__(self, z):
+    h = z
+    for _ in range(self.layers):
+      h = nn.leaky_relu(layers.Dense(self.units, impl=self.impl)(h), 0.2)
+    return layers.Dense(2, impl=self.impl)(h)
+
+
 def mlp(latent_size, image_shape):
   """Higgins et al. 2017: MLP 1200-1200 encoder, 1200-1200-1200 tanh decoder."""
   return MLPEncoder(latent_size), MLPDecoder(image_shape)

@@ -13,6 +13,9 @@ missing or older than the latest checkpoint):
   values of that latent from −2.5 to 2.5 with the others at a reference
   image's means;
 * ``reconstructions_mNNN.png``: inputs beside their reconstructions;
+* ``objective_terms.png``: the objective's own terms over training (the
+  total correlation and its neighbours, the discriminator's accuracy, DIP's
+  covariance terms, the controller's beta(t)), one line per member;
 * for sweeps, ``sweep_metrics.png``: each metric against the swept
   hyperparameters (a heatmap for two axes, lines with the seed spread for one);
 * ``index.html``: all of it, images embedded, readable offline.
@@ -35,7 +38,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from capvae import evaluate, models  # noqa: E402
+from capvae import evaluate, losses, models  # noqa: E402
 from capvae import train_state as ts  # noqa: E402
 from capvae import workdir as workdir_lib  # noqa: E402
 from capvae.errors import ConfigError  # noqa: E402
@@ -334,6 +337,34 @@ window.addEventListener('load', function () {
 """
 
 
+def fig_objective_terms(rows_by_member, labels, terms: Sequence[str]):
+  """Each of the objective's ``terms`` over training, one line per member."""
+  fig, axes = plt.subplots(1, len(terms), figsize=(4.6 * len(terms), 3.2), squeeze=False)
+  for ax, term in zip(axes[0], terms):
+    for rows, label in zip(rows_by_member, labels):
+      ax.plot([r['step'] for r in rows], [_num(r.get(term)) for r in rows], lw=1.1,
+              label=label)
+    if term == 'beta_t':
+      ax.set_yscale('symlog', linthresh=1.0)
+    ax.set_title(TERM_TITLES.get(term, term), fontsize=9)
+    ax.set_xlabel('training step')
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=7, loc='best')
+  fig.tight_layout()
+  return fig
+
+
+TERM_TITLES = {
+    'tc': 'total correlation (batch estimate, nats)',
+    'mi': 'index-code MI (nats)', 'dwkl': 'dimension-wise KL (nats)',
+    'disc_accuracy': 'discriminator accuracy (0.5: chance)',
+    'disc_loss': 'discriminator loss', 'dip': 'DIP penalty',
+    'cov_offdiag': 'Σ off-diagonal Cov²', 'cov_diag_err': 'Σ (diag Cov − 1)²',
+    'beta_t': 'controller beta(t)', 'kl_minus_c': 'KL − C (nats)',
+    'controller_integral': 'controller integral',
+}
+
+
 def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 'fast',
                  seed: int = 0, sizes: dict[str, int] | None = None) -> str:
   """Writes ``report/`` (figures and ``index.html``) for ``workdir``; returns the page path.
@@ -353,7 +384,8 @@ def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 
   os.makedirs(out_dir, exist_ok=True)
   config = run.config
   varying = varying_hparams(records)
-  capacity = config.objective == 'capacity'
+  capacity = config.objective in ('capacity', 'controlled_capacity')
+  terms = [t for t in losses.OBJECTIVE_TERMS[config.objective] if t != 'kl_minus_c']
   sweep_mode = len(records) > 1
 
   parts = [f'<h1>capvae report: {html.escape(os.path.basename(os.path.abspath(workdir)))}</h1>']
@@ -417,9 +449,25 @@ def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 
       worst.append([r['member'], *[r[h] for h in varying], len(over), len(mr),
                     ', '.join(map(str, over[:8])) + (' …' if len(over) > 8 else '')])
     parts.append(_img(data, f'KL − C over training; red: logged steps where |KL − C| >'
-                      f' {GAP_NATS:g} nat. If KL lags C, raise gamma.'))
+                      f' {GAP_NATS:g} nat. If KL lags C, raise gamma (or, with the'
+                      ' controller, its gains).'))
     parts.append(_table(['member', *varying, f'logs with |KL−C|>{GAP_NATS:g}', 'logs',
                          'steps (C > 0)'], worst))
+
+  if terms:
+    parts.append(f'<h2>The objective\'s own terms ({html.escape(config.objective)})</h2>')
+    by_member = [_member_rows(rows, r['member']) for r in records]
+    data = _png(fig_objective_terms(by_member, [_label(r, varying) for r in records], terms),
+                os.path.join(out_dir, 'objective_terms.png'))
+    parts.append(_img(data, 'The objective\'s terms on each training batch.'))
+    parts.append(_table(['member', *varying, *[f'held-out {t}' for t in terms]],
+                        [[r['member'], *[r[h] for h in varying],
+                          *[(r.get('objective_terms') or {}).get(t) for t in terms]]
+                         for r in records]))
+    parts.append('<p class="note">Held-out: the same terms on fresh batches of 500'
+                 ' images at the last checkpoint (<code>objective_terms</code> in'
+                 ' eval.json); the total correlation\'s estimate depends on the batch'
+                 ' size.</p>')
 
   for r in records:
     m = r['member']

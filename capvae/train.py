@@ -32,7 +32,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from capvae import config_lib, data, losses, parallel, sweep
+from capvae import config_lib, data, losses, models, parallel, sweep
 from capvae import backend
 from capvae import train_state as ts
 from capvae import workdir as workdir_lib
@@ -49,57 +49,69 @@ class StepSpec:
   optimizer_kwargs: tuple[tuple[str, float], ...]
 
   @classmethod
-  def from_config(cls, config) -> 'StepSpec':
+  def from_config(cls, config, num_examples: int = 0) -> 'StepSpec':
+    """``num_examples``: the dataset's size (the 'mss' estimator's N)."""
     return cls(
-        objective=config_lib.objective(config),
+        objective=config_lib.objective(config, num_examples),
         batch_size=int(config.batch_size),
         data_seed=int(config.data_seed),
         optimizer_kwargs=tuple(ts.optimizer_kwargs(config).items()),
     )
 
 
-def member_loss(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec):
-  """One member's ``(loss, aux)`` on batch ``x`` at optimizer step ``step``."""
-  out, mean, logvar = model.apply(params, x, key)
-  rec = spec.objective.reconstruction_loss(out, x, hparams)
-  kl = losses.gaussian_kl(mean, logvar)
-  return spec.objective(hparams, step, rec, kl, int(np.prod(x.shape[1:])))
+def _noise(model, x, key):
+  return jax.random.normal(key, (x.shape[0], model.encoder.latent_size), jnp.float32)
+
+
+def batch_stats(params, model, hparams: ts.Hparams, x, eps, spec: StepSpec) -> losses.Stats:
+  """The per-example statistics of images ``x`` with reparameterisation noise ``eps``."""
+  out, mean, logvar = model.apply(params, x, eps, method='with_noise')
+  return losses.Stats(rec=spec.objective.reconstruction_loss(out, x, hparams), mean=mean,
+                      logvar=logvar, z=models.reparameterize(mean, logvar, eps))
+
+
+def member_loss(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec,
+                objective_state=None):
+  """One member's ``(loss, aux)`` on batch ``x`` at optimizer step ``step``;
+  ``aux['stats']`` holds the batch's :class:`~capvae.losses.Stats`."""
+  stats = batch_stats(params, model, hparams, x, _noise(model, x, key), spec)
+  loss, aux = spec.objective(hparams, step, stats, int(np.prod(x.shape[1:])),
+                             objective_state)
+  return loss, dict(aux, stats=stats)
 
 
 def data_parallel_grads(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec,
-                        axis: str):
+                        axis: str, objective_state=None):
   """``((loss, aux), grads)`` of the whole batch, from this device's share ``x`` of it.
 
   The devices along mesh axis ``axis`` each hold an equal, consecutive share of
   the batch (device ``d`` of ``D``: images ``d·n … (d+1)·n − 1``). Each runs the
-  network forward on its share and keeps the per-example reconstructions and
-  KLs; these are gathered (``B + B·M`` numbers), and every device evaluates the
-  objective on the whole batch's statistics, so the loss, C's penalty (which can
-  depend on the batch mean KL) and the metrics are the whole batch's. Every
-  objective is a function of per-example statistics, so its gradient is
-  ``Σ_b ∂rec_b·g_rec_b + ∂kl_b·g_kl_b``: each device takes the backward pass of
-  its own images with their weights ``g`` and the parameter gradients are
-  summed over ``axis``. Each image gets the noise it gets in the whole batch's
-  draw. The result is the whole batch's gradient up to float rounding (the sum
-  over images runs in another order).
+  network forward on its share and keeps the per-example statistics
+  (:class:`~capvae.losses.Stats`: reconstruction, posterior mean and
+  log-variance, sample); these are gathered, and every device evaluates the
+  objective on the whole batch's statistics, so the loss, C's penalty (which
+  can depend on the batch mean KL), the covariances, the total correlation and
+  the metrics are the whole batch's. Every objective is a function of
+  per-example statistics, so its gradient is ``Σ_b Σ_s ∂s_b·g_s_b``: each
+  device takes the backward pass of its own images with their weights ``g``
+  and the parameter gradients are summed over ``axis``. Each image gets the
+  noise it gets in the whole batch's draw. The result is the whole batch's
+  gradient up to float rounding (the sum over images runs in another order).
+  ``aux['stats']`` holds the whole batch's statistics.
   """
   n = x.shape[0]
   d = jax.lax.axis_index(axis)
   b = n * jax.lax.axis_size(axis)
   mine = lambda a: jax.lax.dynamic_slice_in_dim(a, d * n, n)
   eps = mine(jax.random.normal(key, (b, model.encoder.latent_size), jnp.float32))
-
-  def stats(p):
-    out, mean, logvar = model.apply(p, x, eps, method='with_noise')
-    return spec.objective.reconstruction_loss(out, x, hparams), losses.gaussian_kl(mean, logvar)
-
-  (rec, kl), stats_vjp = jax.vjp(stats, params)
-  gather = lambda a: jax.lax.all_gather(a, axis, tiled=True)
-  (loss, aux), (w_rec, w_kl) = jax.value_and_grad(
-      lambda rec, kl: spec.objective(hparams, step, rec, kl, int(np.prod(x.shape[1:]))),
-      argnums=(0, 1), has_aux=True)(gather(rec), gather(kl))
-  grads = jax.lax.psum(stats_vjp((mine(w_rec), mine(w_kl)))[0], axis)
-  return (loss, aux), grads
+  stats, stats_vjp = jax.vjp(lambda p: batch_stats(p, model, hparams, x, eps, spec), params)
+  gathered = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, tiled=True), stats)
+  (loss, aux), weights = jax.value_and_grad(
+      lambda st: spec.objective(hparams, step, st, int(np.prod(x.shape[1:])),
+                                objective_state),
+      has_aux=True)(gathered)
+  grads = jax.lax.psum(stats_vjp(jax.tree.map(mine, weights))[0], axis)
+  return (loss, dict(aux, stats=gathered)), grads
 
 
 def batch_at(dataset: data.GroundTruthDataset, step, spec: StepSpec):
@@ -161,8 +173,8 @@ def make_member_step(model, spec: StepSpec, data_axis: str | None = None):
   With ``data_axis``, ``x`` is this device's share of the batch, and the
   gradient is the whole batch's (:func:`data_parallel_grads`).
 
-  An update whose loss, gradients or new parameters are not all finite is not
-  applied: the member is frozen at its last finite parameters (see
+  An update whose loss, gradients, new parameters or new objective state are
+  not all finite is not applied: the member is frozen at its last finite parameters (see
   :class:`~capvae.train_state.TrainState`), and the other members are not
   touched by it.
   """
@@ -173,24 +185,34 @@ def make_member_step(model, spec: StepSpec, data_axis: str | None = None):
     key = jax.random.fold_in(noise_key, state.step)
     grads_fn = (jax.value_and_grad(member_loss, has_aux=True) if data_axis is None else
                 functools.partial(data_parallel_grads, axis=data_axis))
-    (loss, aux), grads = grads_fn(state.params, model, state.hparams, state.step, x, key, spec)
+    (loss, aux), grads = grads_fn(state.params, model, state.hparams, state.step, x, key,
+                                  spec, objective_state=state.objective_state)
+    stats = aux.pop('stats')
     tx = ts.make_optimizer(state.hparams.learning_rate, **opt_kwargs)
+    objective_key = jax.random.fold_in(ts.objective_key(state.hparams.seed), state.step)
 
-    def update(params, opt_state):
+    # The objective's own step (a discriminator's, a controller's) reads the
+    # batch's statistics, not the parameters: made once, kept or refused with them.
+    new_objective_state, objective_aux = spec.objective.update(
+        state.hparams, state.step, stats, state.objective_state, objective_key)
+
+    def update(params, opt_state, objective_state):
+      del objective_state
       updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
+      return optax.apply_updates(params, updates), opt_state, new_objective_state
 
-    old = (state.params, state.opt_state)
-    finite = _all_finite(loss, grads, update(*old)[0])
+    old = (state.params, state.opt_state, state.objective_state)
+    finite = _all_finite(loss, grads, update(*old)[0], new_objective_state)
     live = finite & ~state.frozen
-    params, opt_state = update_or_keep(update, old, live)
+    params, opt_state, objective_state = update_or_keep(update, old, live)
     frozen_step = jnp.where(state.frozen | finite, state.frozen_step, state.step)
+    aux.update(objective_aux)
     aux['grad_norm'] = optax.tree.norm(grads)
     aux['param_norm'] = optax.tree.norm(params)
     aux['frozen'] = frozen_step >= 0
     aux['frozen_step'] = frozen_step
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                        frozen_step=frozen_step)
+                        frozen_step=frozen_step, objective_state=objective_state)
     return new, aux
 
   return member_step
@@ -217,7 +239,8 @@ def make_train_step(model, spec: StepSpec, member_loop: str = 'map',
 
 def init_states(model, hparams: ts.Hparams, observation_shape, spec: StepSpec):
   """Stacked fresh states for the member table ``hparams`` (``[M]`` arrays)."""
-  return ts.create_stack(model, hparams, observation_shape, dict(spec.optimizer_kwargs))
+  return ts.create_stack(model, hparams, observation_shape, dict(spec.optimizer_kwargs),
+                         spec.objective)
 
 
 # --------------------------------------------------------------------------
@@ -335,7 +358,7 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
         f'config.dataset = {config.dataset!r} is streamed from the host (too large for the'
         ' device); streaming runs in a single process only.')
 
-  spec = StepSpec.from_config(config)
+  spec = StepSpec.from_config(config, dataset.num_examples)
   member_rows = sweep.members(config)
   model = config_lib.model(config, dataset.observation_shape)
   mesh = parallel.make_mesh(jax.devices()[:config.num_devices or None], config.data_shards)

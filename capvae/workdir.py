@@ -184,17 +184,21 @@ def restore(mngr, step: int, target):
 
   Checkpoints saved by earlier versions read too: a hyperparameter of
   :data:`capvae.train_state.LATER_HPARAMS` that one lacks gets the value such
-  runs used, and a field of :data:`capvae.train_state.REMOVED_FIELDS` that one
-  holds is read and dropped.
+  runs used, so does a field of :data:`capvae.train_state.LATER_FIELDS`, and a
+  field of :data:`capvae.train_state.REMOVED_FIELDS` that one holds is read and
+  dropped.
   """
   meta = mngr.item_metadata(step)
   saved = getattr(meta, 'tree', meta)
   missing = [k for k in ts.LATER_HPARAMS if k not in saved['hparams']]
   removed = [k for k in ts.REMOVED_FIELDS if k in saved]
-  if not missing and not removed:
+  # Runs saved before objectives kept a state had none to keep (``{}``).
+  later = [k for k in ts.LATER_FIELDS if k not in saved]
+  if not missing and not removed and not later:
     return mngr.restore(step, args=ocp.args.StandardRestore(target))
   # The checkpoint's own structure, as a dict of the state's fields.
-  fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+  fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
+            if f.name not in later}
   fields['hparams'] = {k: getattr(target.hparams, k) for k in ts.HPARAM_NAMES
                        if k not in missing}
   like = target.step  # one value per slot, as every removed field held
@@ -206,6 +210,11 @@ def restore(mngr, step: int, target):
     a = getattr(target.hparams, k)
     hparams[k] = jax.device_put(np.full(a.shape, ts.LATER_HPARAMS[k], a.dtype), a.sharding)
   states = {k: v for k, v in states.items() if k not in removed}
+  for k in later:
+    if jax.tree.leaves(getattr(target, k)):
+      raise ValueError(f'checkpoint {step} has no {k!r}, which this run needs; it was'
+                       ' saved by a run of another objective.')
+    states[k] = ts.LATER_FIELDS[k]
   return ts.TrainState(**dict(states, hparams=ts.Hparams(**hparams)))
 
 
@@ -301,7 +310,7 @@ class Run:
     self.rows = load_members(workdir)
     self.dataset = data.get(config.dataset, config.dataset_path, config.dataset_split)
     self.model = config_lib.model(config, self.dataset.observation_shape)
-    self.objective = config_lib.objective(config)
+    self.objective = config_lib.objective(config, self.dataset.num_examples)
 
   @property
   def num_members(self) -> int:
@@ -326,7 +335,8 @@ class Run:
       hparams = sweep.stack([self.rows[i] for i in ids])
       abstract = jax.eval_shape(
           lambda h: ts.create_stack(self.model, h, self.dataset.observation_shape,
-                                    ts.optimizer_kwargs(self.config)), hparams)
+                                    ts.optimizer_kwargs(self.config), self.objective),
+          hparams)
       one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       try:
         states = restore(mngr, step, _with_sharding(abstract, saved_slots(mngr, step), one))

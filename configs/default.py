@@ -50,7 +50,8 @@ def get_config():
   # depends on it (docs/reproduction.md, §1).
   config.init = 'lecun'
 
-  # Objective: 'capacity' (Burgess: rec + gamma·|KL − C|) | 'beta' (rec + beta·KL).
+  # Objective: 'capacity' (Burgess: rec + gamma·|KL − C|) | 'beta' (rec + beta·KL)
+  # | 'beta_tcvae' | 'factor_vae' | 'dip_vae' | 'controlled_capacity' (below).
   config.objective = 'capacity'
   # 'bernoulli' (logits) | 'gaussian' (fixed variance) | 'raw_dim_mse'.
   config.reconstruction = 'bernoulli'
@@ -68,6 +69,31 @@ def get_config():
   # rec/N + beta_norm·KL/M (beta_norm = beta·M/N).
   config.beta = 1.0
   config.beta_norm = False
+
+  # The objectives researchers compare against (disentanglement_lib's
+  # definitions; configs/beta_tcvae.py, factor_vae.py, dip_vae.py):
+  # 'beta_tcvae': rec + KL + (beta − 1)·TC, TC by minibatch-weighted ('mws')
+  # or -stratified ('mss') sampling.
+  config.tc_estimator = 'mws'
+  # 'factor_vae': rec + KL + gamma·TC, TC from a discriminator of
+  # discriminator_layers × discriminator_units (leaky ReLU), trained by Adam at
+  # disc_learning_rate (b1 0.5, b2 0.9).
+  config.discriminator_layers = 6
+  config.discriminator_units = 1000
+  config.disc_learning_rate = 1e-4
+  # 'dip_vae': rec + KL + lambda_od·Σ off-diag Cov² + lambda_d·Σ (diag Cov − 1)²,
+  # lambda_d = lambda_d_factor·lambda_od; Cov of the means ('i') or of the
+  # aggregate posterior ('ii').
+  config.dip_type = 'i'
+  config.lambda_od = 1.0
+  config.lambda_d_factor = 10.0
+  # 'controlled_capacity': rec + beta(t)·KL, beta(t) set every step by a PI
+  # controller (ControlVAE) so the batch KL follows C(t) of the schedule above;
+  # gains kp, ki and bounds [beta_min, beta_max] (configs/controlled_capacity.py).
+  config.kp = 0.01
+  config.ki = 0.001
+  config.beta_min = 1.0
+  config.beta_max = 1000.0
 
   # Optimisation.
   config.optimizer = 'adam'

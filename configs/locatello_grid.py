@@ -13,6 +13,17 @@ decoder, batch 64, Adam 1e-4 (0.9, 0.999, 1e-8), 300,000 steps.
 * ``annealed``: gamma 1000, C_max in {5, 10, 25, 50, 75, 100} nats, C raised
   linearly over the first 100,000 steps (their ``iteration_threshold``).
 * ``beta``: beta in {1, 2, 4, 6, 8, 16}, the plain sum rec + beta·KL.
+* ``beta_tcvae``: beta (the total correlation's weight) in {1, 2, 4, 6, 8, 10}.
+* ``factor_vae``: gamma in {10, 20, 30, 40, 50, 100}; the discriminator 6 × 1000,
+  Adam 1e-4 (0.5, 0.9).
+* ``dip_vae_i`` / ``dip_vae_ii``: lambda_od in {1, 2, 5, 10, 20, 50},
+  lambda_d = 10·lambda_od (I) or lambda_od (II).
+* ``controlled`` (not in the study): the AnnealedVAE's C_max grid and schedule,
+  held by ControlVAE's PI controller (``objective = 'controlled_capacity'``)
+  instead of gamma·|KL − C|.
+
+``configs/beta_tcvae.py``, ``factor_vae.py`` and ``dip_vae.py`` are these grids
+shortened to run on a CPU.
 
 Each grid is one sweep: every C_max (or beta) × every seed trains in one
 program. The study trained 50 seeds per setting; the default here is 3. At the
@@ -30,6 +41,13 @@ default = config_lib.sibling(__file__, 'default')
 GRIDS = {
     'annealed': dict(c_max=[5.0, 10.0, 25.0, 50.0, 75.0, 100.0]),
     'beta': dict(beta=[1.0, 2.0, 4.0, 6.0, 8.0, 16.0]),
+    # unsupervised_study_v1/sweep.py's grids of the other methods.
+    'beta_tcvae': dict(beta=[1.0, 2.0, 4.0, 6.0, 8.0, 10.0]),
+    'factor_vae': dict(gamma=[10.0, 20.0, 30.0, 40.0, 50.0, 100.0]),
+    'dip_vae_i': dict(lambda_od=[1.0, 2.0, 5.0, 10.0, 20.0, 50.0]),
+    'dip_vae_ii': dict(lambda_od=[1.0, 2.0, 5.0, 10.0, 20.0, 50.0]),
+    # Not in the study: the AnnealedVAE's C_max held by a controller.
+    'controlled': dict(c_max=[5.0, 10.0, 25.0, 50.0, 75.0, 100.0]),
 }
 
 
@@ -63,10 +81,44 @@ def get_config(arg: str = 'annealed'):
     config.schedule = 'linear'
     config.gamma = 1000.0
     config.c_anneal_steps = 100_000
-  else:
+  elif name == 'controlled':
+    config.objective = 'controlled_capacity'
+    config.schedule = 'linear'
+    config.c_anneal_steps = 100_000
+    config.kp, config.ki = 0.01, 0.001  # ControlVAE's gains
+    config.beta_min, config.beta_max = 0.0, 1000.0
+  elif name == 'beta':
     config.objective = 'beta'
     config.beta_norm = False
+  elif name == 'beta_tcvae':
+    config.objective = 'beta_tcvae'
+    config.tc_estimator = 'mws'
+  elif name == 'factor_vae':
+    config.objective = 'factor_vae'
+    config.discriminator_layers = 6
+    config.discriminator_units = 1000
+    config.disc_learning_rate = 1e-4
+  else:
+    config.objective = 'dip_vae'
+    config.dip_type = name[len('dip_vae_'):]
+    config.lambda_d_factor = 10.0 if config.dip_type == 'i' else 1.0
   config.sweep.product = dict(**GRIDS[name], seed=list(range(seeds)))
   config.log_every = 500
   config.checkpoint_every = 5000
+  return config
+
+
+def shortened(name: str, arg: str, *, num_steps: int):
+  """Grid ``name`` for a CPU: ``num_steps`` steps and one seed, unless ``arg``
+  asks for ``study`` (the study's 300,000 steps) and/or ``seeds=N``."""
+  parts = [p.strip() for p in arg.split(',')] if arg else []
+  study = 'study' in parts
+  rest = [p for p in parts if p != 'study']
+  config = get_config(','.join([name, *rest]))
+  if not any(p.startswith('seeds=') for p in rest):
+    config.sweep.product.seed = [0]
+  if not study:
+    config.num_steps = num_steps
+    config.log_every = 25
+    config.checkpoint_every = 250
   return config

@@ -327,7 +327,8 @@ def test_objective_is_the_named_loss_terms(kinds):
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.uniform(size=(6, 8, 8, 1)), jnp.float32)
   out = jnp.asarray(rng.normal(size=(6, 8, 8, 1)), jnp.float32)
-  kl = losses.gaussian_kl(*map(jnp.asarray, _posterior(6, 5, rng=rng)))
+  mean, logvar = map(jnp.asarray, _posterior(6, 5, rng=rng))
+  kl = losses.gaussian_kl(mean, logvar)
   step = 70
   rec = objective.reconstruction_loss(out, x, hp)
   kind = kinds['reconstruction']
@@ -339,7 +340,8 @@ def test_objective_is_the_named_loss_terms(kinds):
   else:
     expected_rec = np.sum((np.asarray(x) - np.asarray(out))**2, axis=(1, 2, 3))
   np.testing.assert_allclose(rec, expected_rec, rtol=1e-5)
-  loss, aux = objective(hp, step, rec, kl, input_size=64)
+  stats = losses.Stats(rec=rec, mean=mean, logvar=logvar, z=mean)
+  loss, aux = objective(hp, step, stats, input_size=64)
   kl_b = np.sum(np.asarray(kl, np.float64), axis=1)
   r = np.asarray(rec, np.float64)
   if kinds['objective'] == 'beta':
@@ -359,6 +361,7 @@ def test_objective_is_the_named_loss_terms(kinds):
 
 
 def test_objective_refuses_unknown_kinds():
-  for field in ('objective', 'reconstruction', 'capacity_penalty', 'schedule'):
+  for field in ('objective', 'reconstruction', 'capacity_penalty', 'schedule',
+                'tc_estimator', 'dip_type'):
     with pytest.raises(ValueError, match=f'{field} .nope. is unknown; allowed'):
       losses.Objective(**{field: 'nope'})

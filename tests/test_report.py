@@ -82,7 +82,7 @@ def test_grid_codes_equal_each_members_own_encoder(sweep_dir):
 
 def test_heldout_kl_matches_a_direct_computation(sweep_dir):
   run = workdir_lib.Members(sweep_dir)
-  kl, rec, rec_mean, parts = evaluate.heldout_stats(run, num_images=40, seed=3, batch=20)
+  kl, rec, rec_mean, parts, terms = evaluate.heldout_stats(run, num_images=40, seed=3, batch=20)
   base = jax.random.fold_in(jax.random.key(3), 1)
   images = jax.jit(lambda key: run.dataset.render(run.dataset.sample_factors(key, 20)))
   encode = _apply(run, models.VAE.encode)
@@ -103,6 +103,11 @@ def test_heldout_kl_matches_a_direct_computation(sweep_dir):
     np.testing.assert_allclose(parts['spread'][m], 0.5 * means.var(0), rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(sum(parts.values())[m], kl[m], rtol=1e-4, atol=1e-6)
     assert rec[m] > 0 and rec_mean[m] > 0
+    # The objective's terms on the same batches: its C at the run's step, and
+    # the tracking error of the same KL.
+    c = run.objective.capacity(jax.tree.map(lambda a: a[m], run.states.hparams), run.step)
+    np.testing.assert_allclose(terms['c'][m], c, rtol=1e-6)
+    np.testing.assert_allclose(terms['kl_minus_c'][m], kl[m].sum() - c, rtol=1e-4, atol=1e-5)
 
 
 def test_information_is_that_of_each_members_own_posteriors(sweep_dir):

@@ -173,11 +173,16 @@ def test_the_accelerators_step_equals_the_cpus(model_name):
 
 
 @pytest.mark.parametrize('objective, penalty, shards', [
-    ('capacity', 'abs', 2), ('capacity', 'abs', 4), ('beta', 'abs', 2)])
+    ('capacity', 'abs', 2), ('capacity', 'abs', 4), ('beta', 'abs', 2),
+    ('beta_tcvae', 'abs', 2), ('factor_vae', 'abs', 2)])
 def test_data_parallel_grads_are_the_whole_batch_gradient(objective, penalty, shards):
+  """Also for objectives of the whole batch's codes: the total correlation's
+  pairwise densities and the discriminator (read from the objective state)."""
   config = load_config('test')
   config.objective, config.capacity_penalty = objective, penalty
   config.beta = 4.0
+  config.gamma = 30.0
+  config.discriminator_layers, config.discriminator_units = 2, 16
   spec = train.StepSpec.from_config(config)
   dataset = data.get('dsprites')
   model = models.get('burgess', config.latent_size, dataset.observation_shape)
@@ -188,17 +193,19 @@ def test_data_parallel_grads_are_the_whole_batch_gradient(objective, penalty, sh
   key, step = jax.random.key(7), jnp.int32(5)  # C is between 0 and c_max at step 5
   # Compiled: op by op, the two sides took ~50 s per case.
   whole = jax.jit(lambda xs: jax.value_and_grad(train.member_loss, has_aux=True)(
-      state.params, model, state.hparams, step, xs, key, spec))
+      state.params, model, state.hparams, step, xs, key, spec, state.objective_state))
   (loss, aux), grads = whole(x)
   # Each of `shards` devices (here a vmapped axis) holds consecutive images.
   shard = lambda xs: train.data_parallel_grads(state.params, model, state.hparams, step, xs,
-                                               key, spec, axis='data')
+                                               key, spec, axis='data',
+                                               objective_state=state.objective_state)
   (s_loss, s_aux), s_grads = jax.jit(jax.vmap(shard, axis_name='data'))(
       x.reshape(shards, -1, *x.shape[1:]))
   for d in range(shards):  # every device holds the whole batch's loss and gradient
     np.testing.assert_allclose(s_loss[d], loss, rtol=1e-6)
-    for k in aux:
-      np.testing.assert_allclose(s_aux[k][d], aux[k], rtol=1e-5, atol=1e-6)
+    for k in aux:  # the metrics and the batch's statistics
+      for a, b in zip(jax.tree.leaves(s_aux[k]), jax.tree.leaves(aux[k])):
+        np.testing.assert_allclose(a[d], b, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(s_grads), jax.tree.leaves(grads)):
       np.testing.assert_allclose(a[d], b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
   # A device's own share alone gives another gradient: the test can tell.

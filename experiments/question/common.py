@@ -137,7 +137,7 @@ def heldout(workdir: str, num_images: int):
   """Held-out per-latent KL ``[M, L]``, reconstruction ``[M]`` and the KL's
   spread / offset / variance split (``evaluate.heldout_stats``)."""
   run = workdir_lib.Members(workdir)
-  kl, rec, _, parts = evaluate.heldout_stats(run, num_images, seed=0)
+  kl, rec, _, parts, _ = evaluate.heldout_stats(run, num_images, seed=0)
   return run.rows, kl, rec, parts
 
 

@@ -72,7 +72,7 @@ def kl_split(workdir: str, steps, heldout: int):
   out = []
   for step in steps:
     run = workdir_lib.Members(workdir, step)
-    kl, rec, rec_mean, parts = evaluate.heldout_stats(run, heldout, seed=0)
+    kl, rec, rec_mean, parts, _ = evaluate.heldout_stats(run, heldout, seed=0)
     for m, row in enumerate(run.rows):
       out.append({'step': int(step), 'member': m, 'learning_rate': row['learning_rate'],
                   'seed': row['seed'], 'kl': float(kl[m].sum()),
