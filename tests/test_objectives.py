@@ -18,7 +18,6 @@ from capvae import workdir as workdir_lib
 from capvae.errors import ConfigError
 from conftest import CONFIGS, ROOT, load_config
 
-pytestmark = pytest.mark.xdist_group('test_objectives')
 
 
 def _log_normal(x, mean, var):
@@ -367,25 +366,34 @@ def test_controller_bounds_are_checked_for_every_member(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
-def test_new_objective_configs_train_and_evaluate_through_the_cli(tmp_path):
+@pytest.mark.parametrize('config, extra, term', [
+    ('beta_tcvae.py', {}, 'tc'),
+    ('factor_vae.py', {'discriminator_units': 16}, 'disc_accuracy'),
+    ('dip_vae.py:ii', {}, 'dip'),
+    ('controlled_capacity.py', {}, 'beta_t'),
+])
+def test_new_objective_configs_train_and_evaluate_through_the_cli(config, extra, term, tmp_path):
   """Each shipped config, shrunk to a few steps, through ``capvae.main``'s
-  train and evaluate modes; eval.json carries the objective's own terms."""
-  runs = [('beta_tcvae.py', {}), ('factor_vae.py', {'discriminator_units': 16}),
-          ('dip_vae.py:ii', {}), ('controlled_capacity.py', {})]
-  small = dict(num_steps=2, batch_size=8, log_every=1, checkpoint_every=2,
-               latent_size=3)
-  for config, extra in runs:
-    workdir = str(tmp_path / config.replace('.py', '').replace(':', '_'))
-    flags = [f'--config.{k}={v}' for k, v in {**small, **extra}.items()]
-    for mode, more in (('train', ['--config', f'configs/{config}', *flags]),
-                       ('evaluate', ['--eval_scale=0.002'])):
-      proc = subprocess.run(
-          [sys.executable, '-m', 'capvae.main', f'--mode={mode}', '--workdir', workdir,
-           *more], cwd=ROOT, capture_output=True, text=True, timeout=600)
-      assert proc.returncode == 0, (config, mode, proc.stderr[-3000:])
-    with open(os.path.join(workdir, 'eval.json')) as f:
-      result = json.load(f)
-    terms = result['members'][0]['objective_terms']
-    expected = {'beta_tcvae.py': 'tc', 'factor_vae.py': 'disc_accuracy',
-                'dip_vae.py:ii': 'dip', 'controlled_capacity.py': 'beta_t'}[config]
-    assert np.isfinite(terms[expected]), terms
+  train and evaluate modes (and the report for one); eval.json carries the
+  objective's own terms."""
+  small = dict(num_steps=2, batch_size=8, log_every=1, checkpoint_every=2, latent_size=3)
+  workdir = str(tmp_path / 'run')
+  flags = [f'--config.{k}={v}' for k, v in {**small, **extra}.items()]
+  modes = [('train', ['--config', f'configs/{config}', *flags]),
+           ('evaluate', ['--eval_scale=0.002'])]
+  if config == 'factor_vae.py':  # and the report draws its terms
+    modes.append(('report', ['--eval_scale=0.002']))
+  for mode, more in modes:
+    proc = subprocess.run(
+        [sys.executable, '-m', 'capvae.main', f'--mode={mode}', '--workdir', workdir, *more],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (config, mode, proc.stderr[-3000:])
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    terms = json.load(f)['members'][0]['objective_terms']
+  assert np.isfinite(terms[term]), terms
+  if config == 'factor_vae.py':
+    assert os.path.getsize(os.path.join(workdir, 'report', 'objective_terms.png')) > 5000
+    with open(os.path.join(workdir, 'report', 'index.html')) as f:
+      page = f.read()
+    assert "The objective's own terms (factor_vae)" in page
+    assert 'held-out disc_accuracy' in page
