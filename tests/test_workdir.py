@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from capvae import train, workdir
+from capvae import config_lib, train, train_state, workdir
 from capvae.errors import ConfigError
 from conftest import ROOT, load_config
 
@@ -217,22 +217,27 @@ def test_sigkill_during_a_checkpoint_save_resumes_bitwise(tmp_path, reference):
   assert _rows(path) == reference[1]
 
 
-def _as_saved_before_stairs(path):
-  """Rewrites a workdir as a run saved before config.c_stair_steps existed:
-  config, member table, log and every checkpoint without the field; and with
+def _as_saved_by_an_earlier_version(path):
+  """Rewrites a workdir as a run saved before the fields added since existed:
+  config, member table, log and every checkpoint without them (the config
+  fields of ``config_lib.LATER_FIELDS``, the hyperparameters of
+  ``train_state.LATER_HPARAMS``, the state's ``objective_state``); and with
   the state's ``frozen`` flag, which checkpoints held before it was derived
   from ``frozen_step``."""
+  later = set(config_lib.LATER_FIELDS)
+  later_hparams = set(train_state.LATER_HPARAMS)
   for name in ('config.json', 'members.json'):
     p = os.path.join(path, name)
     with open(p) as f:
       obj = json.load(f)
     for item in obj if isinstance(obj, list) else [obj]:
-      del item['c_stair_steps']
+      for k in later & set(item):
+        del item[k]
     workdir.write_json(p, obj)
   rows = workdir.read_metrics(os.path.join(path, 'metrics.jsonl'))
   with open(os.path.join(path, 'metrics.jsonl'), 'w') as f:
     for r in rows:
-      f.write(json.dumps({k: v for k, v in r.items() if k != 'c_stair_steps'}) + '\n')
+      f.write(json.dumps({k: v for k, v in r.items() if k not in later_hparams}) + '\n')
   chunk = os.path.join(path, 'checkpoints', 'chunk_000')
   old = ocp.CheckpointManager(chunk, item_handlers=ocp.StandardCheckpointHandler())
   steps = old.all_steps()
@@ -242,7 +247,8 @@ def _as_saved_before_stairs(path):
   new = ocp.CheckpointManager(new_dir, item_handlers=ocp.StandardCheckpointHandler())
   for s in steps:
     tree = dict(states[s])
-    tree['hparams'] = {k: v for k, v in tree['hparams'].items() if k != 'c_stair_steps'}
+    tree['hparams'] = {k: v for k, v in tree['hparams'].items() if k not in later_hparams}
+    tree.pop('objective_state', None)
     assert 'frozen' not in tree
     tree['frozen'] = np.asarray(tree['frozen_step']) >= 0
     new.save(s, args=ocp.args.StandardSave(tree))
@@ -252,20 +258,24 @@ def _as_saved_before_stairs(path):
   os.rename(new_dir, chunk)
   meta = ocp.CheckpointManager(
       chunk, item_handlers=ocp.StandardCheckpointHandler()).item_metadata(steps[-1])
-  assert 'c_stair_steps' not in getattr(meta, 'tree', meta)['hparams']
-  assert 'frozen' in getattr(meta, 'tree', meta)
+  tree = getattr(meta, 'tree', meta)
+  assert not later_hparams & set(tree['hparams'])
+  assert 'frozen' in tree and 'objective_state' not in tree
 
 
 def test_a_run_saved_by_an_earlier_version_resumes_bitwise(tmp_path, reference):
   path = str(tmp_path / 'run')
   _train(path, 6)
-  _as_saved_before_stairs(path)
-  # Evaluation's loader reads it (the field gets the value such runs used) ...
+  _as_saved_by_an_earlier_version(path)
+  # Evaluation's loader reads it (each field gets the value such runs used) ...
   _, _, state, row = workdir.load_member(path, 0)
   assert int(state.hparams.c_stair_steps) == 1 and 'c_stair_steps' not in row
+  assert state.hparams.ki == np.float32(train_state.LATER_HPARAMS['ki']) and 'ki' not in row
+  assert state.objective_state == {}
   # ... and training resumes it bitwise as the uninterrupted run.
   states = _train(path, 8)
   for x, y in zip(jax.tree.leaves(reference[0]), jax.tree.leaves(states)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  strip = lambda rows: [{k: v for k, v in r.items() if k != 'c_stair_steps'} for r in rows]
+  strip = lambda rows: [{k: v for k, v in r.items() if k not in train_state.LATER_HPARAMS}
+                        for r in rows]
   assert strip(_rows(path)) == strip(reference[1])
