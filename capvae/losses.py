@@ -636,8 +636,8 @@ class Objective:
                               beta_max=hparams.beta_max)
     return c, beta, new
 
-  def __call__(self, hparams, step, stats: Stats, input_size: int, state: Any = None,
-               key=None) -> tuple[Array, Aux]:
+  def __call__(self, hparams, step, stats: Stats, input_size: int,
+               state: Any = None) -> tuple[Array, Aux]:
     """``(loss, aux)`` of a batch's ``stats`` at optimizer step ``step``, the
     objective's ``state`` as it was before this step; ``input_size`` is N,
     the pixels of one image (for ``beta_norm``).
@@ -645,7 +645,6 @@ class Objective:
     The loss is a function of per-example statistics, which is what lets the
     gradient of a batch be assembled from shares of it (``capvae.train``).
     """
-    del key
     if self.objective == 'beta':
       return beta_objective(stats.rec, stats.kl, hparams.beta, normalized=self.beta_norm,
                             input_size=input_size)
