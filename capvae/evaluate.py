@@ -152,6 +152,8 @@ def heldout_stats(run: workdir_lib.Members, num_images: int, seed: int, batch: i
   controller's beta; each ``[M]``), averaged over batches of ``batch``."""
   model, objective, dataset = run.model, run.objective, run.dataset
   pixels = int(np.prod(dataset.observation_shape))
+  if objective.dataset_size:  # the 'mss' estimator's weights need B <= N
+    batch = min(batch, objective.dataset_size)
 
   def one(args, x, key):
     params, hparams, objective_state = args

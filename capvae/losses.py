@@ -357,6 +357,9 @@ def _log_weights(batch_size: int, dataset_size: int, estimator: str) -> Array:
     return jnp.full((b, b), -math.log(b))
   if b < 2:
     raise ValueError('the mss estimator needs a batch of at least 2.')
+  if dataset_size and b > dataset_size:
+    raise ValueError(f'the mss estimator needs a batch ({b}) no larger than the dataset'
+                     f' ({dataset_size}).')
   eye = jnp.eye(b, dtype=bool)
   nxt = jnp.roll(eye, 1, axis=1)  # [i, i+1 mod B]
   if dataset_size:
@@ -441,7 +444,7 @@ def dip_regularizer(mean: Array, logvar: Array, lambda_od: Any, lambda_d: Any,
   if dip_type == 'ii':
     cov = cov + jnp.diag(jnp.mean(jnp.exp(logvar), axis=0))
   diag = jnp.diagonal(cov)
-  off = jnp.sum(jnp.square(cov)) - jnp.sum(jnp.square(diag))
+  off = jnp.sum(jnp.square(cov - jnp.diag(diag)))
   return lambda_od * off + lambda_d * jnp.sum(jnp.square(diag - 1.0)), cov
 
 
@@ -455,7 +458,7 @@ def dip_vae_objective(stats: Stats, lambda_od: Any, lambda_d: Any,
   diag = jnp.diagonal(cov)
   loss = aux['rec'] + aux['kl'] + dip
   aux.update(loss=loss, dip=dip, cov_diag_err=jnp.sum(jnp.square(diag - 1.0)),
-             cov_offdiag=jnp.sum(jnp.square(cov)) - jnp.sum(jnp.square(diag)))
+             cov_offdiag=jnp.sum(jnp.square(cov - jnp.diag(diag))))
   return loss, aux
 
 

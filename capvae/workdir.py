@@ -406,8 +406,8 @@ def extract_member(workdir: str, member: int, out: str, step: int | None = None)
   if os.path.exists(out):
     raise ConfigError(f'--out {out!r} exists; give a new directory.')
   config.unlock()
-  for name in ts.HPARAM_NAMES:
-    config[name] = row[name]
+  for name in ts.HPARAM_NAMES:  # a table saved before a field existed lacks it
+    config[name] = row.get(name, ts.LATER_HPARAMS.get(name))
   config.sweep = {'product': {}, 'zip': {}}
   config.chunk_size = 0
   saved_step = int(state.step)

@@ -30,7 +30,7 @@ grid = config_lib.sibling(__file__, 'locatello_grid')
 
 def get_config(arg: str = ''):
   config = grid.shortened('controlled', arg, num_steps=1000)
-  if 'study' not in (arg or '').split(','):
+  if 'study' not in [p.strip() for p in (arg or '').split(',')]:
     config.c_anneal_steps = 333
     config.ki = 0.1
   return config

@@ -272,6 +272,10 @@ def test_a_run_saved_by_an_earlier_version_resumes_bitwise(tmp_path, reference):
   assert int(state.hparams.c_stair_steps) == 1 and 'c_stair_steps' not in row
   assert state.hparams.ki == np.float32(train_state.LATER_HPARAMS['ki']) and 'ki' not in row
   assert state.objective_state == {}
+  # ... so does extraction (its table lacks the later hyperparameters) ...
+  workdir.extract_member(path, 0, str(tmp_path / 'extracted'))
+  extracted = workdir.load_config(str(tmp_path / 'extracted'))
+  assert extracted.ki == train_state.LATER_HPARAMS['ki'] and extracted.c_stair_steps == 1
   # ... and training resumes it bitwise as the uninterrupted run.
   states = _train(path, 8)
   for x, y in zip(jax.tree.leaves(reference[0]), jax.tree.leaves(states)):
