@@ -13,7 +13,11 @@ steps: 6 members in one program. Every logged row has the batch's ``mi``,
 ``tc`` and ``dwkl`` (Chen et al.'s split of the KL); ``eval.json`` has them on
 held-out images.
 
-What to expect at this length: see ``docs/objectives.md``.
+What to expect at this length (measured, ``docs/objectives.md``): the held-out
+TC falls from 14.7 to 1.8 nats as beta goes from 1 to 10 and the
+reconstruction rises from 80 to 125 nats; the BetaVAE and FactorVAE scores
+rise from beta 1 to 4–6 (0.61 → 0.78, 0.36 → 0.67). About 11 minutes of
+training on 2 CPU cores, 7 of evaluation at ``--eval_scale=0.1``.
 """
 
 from capvae import config_lib

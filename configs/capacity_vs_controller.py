@@ -19,8 +19,13 @@ same schedule, model, data and seeds:
 
 Schedule: C raised linearly from 0 to 10 nats over 2,000 steps, then held to
 step 2,500; the default model (Burgess et al.'s conv encoder and decoder), 10
-latents, batch 64, Adam 1e-4. What the two ways give:
-``experiments/capacity_vs_controller.md``.
+latents, batch 64, Adam 1e-4. What the two ways give
+(``experiments/capacity_vs_controller.md``, measured): gamma 100 holds the KL
+within 0.26 nats of C on average and gamma 1000 within 0.45, but at gamma 1000
+the reconstruction ends at 224 nats against 115; the controller at ki 0.1 and
+floor 0 holds it within 0.28 from step 1,000 and ends at 96 nats, yet cannot
+raise the KL below C while the decoder still ignores z (the first ~750
+steps). About 12 minutes of training per way on 2 CPU cores.
 """
 
 from capvae import config_lib

@@ -21,6 +21,12 @@ negative beta; ``beta_min`` may be set below 0).
 Every logged row has ``beta_t``, ``kl_minus_c`` (the tracking error) and
 ``controller_integral``; the report draws them. What the controller does
 against the absolute penalty: ``experiments/capacity_vs_controller.md``.
+
+What to expect (measured, ``docs/objectives.md``): at C_max 5 and 10 the KL
+stays within about half a nat of C from step 500 on, beta settling near 19
+and 6.5; from C_max 25 up beta falls to its floor of 0 and the KL is whatever
+an unpenalised autoencoder drifts to (5–12 nats from C on average). About 6
+minutes of training on 2 CPU cores, 4 of evaluation at ``--eval_scale=0.1``.
 """
 
 from capvae import config_lib

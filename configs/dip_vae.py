@@ -12,7 +12,11 @@ posterior (II: plus E[diag σ²]); lambda_d = 10·lambda_od (I) or lambda_od
 seed, 1,000 steps: 6 members in one program. Every logged row has ``dip``
 (the penalty), ``cov_offdiag`` and ``cov_diag_err``.
 
-What to expect at this length: see ``docs/objectives.md``.
+What to expect at this length (measured for I, ``docs/objectives.md``): the
+summed squared off-diagonal covariance of the means falls from 3.1 to 0.40 as
+lambda_od goes from 1 to 50, and the reconstruction rises from 78 to 113
+nats; the scores hardly move (MIG ≤ 0.02). About 18 minutes of training on 2
+CPU cores (shared), 6 of evaluation at ``--eval_scale=0.1``.
 """
 
 from capvae import config_lib

@@ -14,7 +14,12 @@ member's train state (checkpointed, resumed, extracted with it). gamma in
 Every logged row has ``tc``, ``disc_loss`` and ``disc_accuracy`` (0.5: the
 discriminator cannot tell joint from permuted codes).
 
-What to expect at this length: see ``docs/objectives.md``.
+What to expect at this length (measured, ``docs/objectives.md``): the larger
+gamma, the less the discriminator tells codes from their permutations
+(held-out accuracy 0.82 → 0.63, TC estimate 1.95 → 0.14 nats from gamma 10
+to 100), and the reconstruction rises from 98 to 139 nats; the scores do not
+follow gamma yet. About 19 minutes of training on 2 CPU cores (the
+discriminator costs as much as the VAE), 4 of evaluation at ``--eval_scale=0.1``.
 """
 
 from capvae import config_lib
