@@ -157,7 +157,7 @@ def heldout_stats(run: workdir_lib.Members, num_images: int, seed: int, batch: i
 
   def one(args, x, key):
     params, hparams, objective_state = args
-    eps = jax.random.normal(key, (x.shape[0], model.encoder.latent_size), jnp.float32)
+    eps = models.noise(key, x.shape[0], model.encoder.latent_size)
     out, mean, logvar = model.apply(params, x, eps, method=models.VAE.with_noise)
     out_mean = model.apply(params, mean, method=models.VAE.decode)
     rec = objective.reconstruction_loss(out, x, hparams)

@@ -152,6 +152,13 @@ class MLPDecoder(nn.Module):
     return x.reshape(z.shape[0], *self.image_shape)
 
 
+def noise(key, batch_size: int, latent_size: int):
+  """The standard normal draw ``eps [batch_size, latent_size]`` of the
+  reparameterisation: training, its data-parallel shares and evaluation all
+  draw it here, so a batch's noise is the same wherever it is computed."""
+  return jax.random.normal(key, (batch_size, latent_size), jnp.float32)
+
+
 def reparameterize(mean, logvar, eps):
   """The posterior sample ``mean + σ·eps`` for a standard normal draw ``eps``."""
   return mean + jnp.exp(0.5 * logvar) * eps
@@ -169,8 +176,7 @@ class VAE(nn.Module):
       x: images ``[B, H, W, C]``.
       key: PRNG key for the reparameterisation noise.
     """
-    eps = jax.random.normal(key, (x.shape[0], self.encoder.latent_size), jnp.float32)
-    return self.with_noise(x, eps)
+    return self.with_noise(x, noise(key, x.shape[0], self.encoder.latent_size))
 
   def with_noise(self, x, eps):
     """:meth:`__call__` with its standard normal draw ``eps [B, M]`` given."""

@@ -59,10 +59,6 @@ class StepSpec:
     )
 
 
-def _noise(model, x, key):
-  return jax.random.normal(key, (x.shape[0], model.encoder.latent_size), jnp.float32)
-
-
 def batch_stats(params, model, hparams: ts.Hparams, x, eps, spec: StepSpec) -> losses.Stats:
   """The per-example statistics of images ``x`` with reparameterisation noise ``eps``."""
   out, mean, logvar = model.apply(params, x, eps, method='with_noise')
@@ -74,7 +70,8 @@ def member_loss(params, model, hparams: ts.Hparams, step, x, key, spec: StepSpec
                 objective_state=None):
   """One member's ``(loss, aux)`` on batch ``x`` at optimizer step ``step``;
   ``aux['stats']`` holds the batch's :class:`~capvae.losses.Stats`."""
-  stats = batch_stats(params, model, hparams, x, _noise(model, x, key), spec)
+  stats = batch_stats(params, model, hparams, x,
+                      models.noise(key, x.shape[0], model.encoder.latent_size), spec)
   loss, aux = spec.objective(hparams, step, stats, int(np.prod(x.shape[1:])),
                              objective_state)
   return loss, dict(aux, stats=stats)
@@ -103,7 +100,7 @@ def data_parallel_grads(params, model, hparams: ts.Hparams, step, x, key, spec: 
   d = jax.lax.axis_index(axis)
   b = n * jax.lax.axis_size(axis)
   mine = lambda a: jax.lax.dynamic_slice_in_dim(a, d * n, n)
-  eps = mine(jax.random.normal(key, (b, model.encoder.latent_size), jnp.float32))
+  eps = mine(models.noise(key, b, model.encoder.latent_size))
   stats, stats_vjp = jax.vjp(lambda p: batch_stats(p, model, hparams, x, eps, spec), params)
   gathered = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, tiled=True), stats)
   (loss, aux), weights = jax.value_and_grad(
