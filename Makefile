@@ -6,16 +6,18 @@ STAMP  := $(VENV)/.capvae-installed
 WORKDIR ?= runs/default
 SWEEP_WORKDIR ?= runs/capacity_sweep
 EVAL_FLAGS ?=
+# Extra flags for make train / make sweep, e.g. TRAIN_FLAGS=--config.num_steps=8000.
+TRAIN_FLAGS ?=
 # pytest-xdist workers for make test (the suite's time is mostly single-threaded
 # XLA compiles); TEST_WORKERS=auto takes one per core, TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 
-.PHONY: install train sweep report answer bench bench-step bench-device test clean
+.PHONY: install train sweep report compare tensorboard answer bench bench-step bench-device test clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev,trackers]'
 	touch $(STAMP)
 
 ## install: a local virtual environment in .venv with capvae and its pinned dependencies.
@@ -23,18 +25,26 @@ install: $(STAMP)
 
 ## train: the default experiment (configs/default.py), offline; resumes if $(WORKDIR) holds it.
 train: install
-	$(BIN)/python -m capvae.main --config configs/default.py --workdir $(WORKDIR)
+	$(BIN)/capvae train --config configs/default.py --workdir $(WORKDIR) $(TRAIN_FLAGS)
 	$(BIN)/python experiments/summarize_run.py $(WORKDIR)
 
 ## sweep: the AnnealedVAE grid (configs/capacity_sweep.py, 12 members in one program), offline.
 sweep: install
-	$(BIN)/python -m capvae.main --config configs/capacity_sweep.py --workdir $(SWEEP_WORKDIR)
+	$(BIN)/capvae train --config configs/capacity_sweep.py --workdir $(SWEEP_WORKDIR) $(TRAIN_FLAGS)
 	$(BIN)/python experiments/summarize_run.py $(SWEEP_WORKDIR)
 
 ## report: evaluate every member of $(WORKDIR) (eval.json) and write $(WORKDIR)/report/index.html.
 ## For the sweep: make report WORKDIR=runs/capacity_sweep. EVAL_FLAGS passes e.g. --eval_scale=0.1.
 report: install
-	$(BIN)/python -m capvae.main --mode=report --workdir $(WORKDIR) $(EVAL_FLAGS)
+	$(BIN)/capvae report --workdir $(WORKDIR) $(EVAL_FLAGS)
+
+## compare: every member of every workdir under runs/ in one table: runs/compare/results.{csv,html}.
+compare: install
+	$(BIN)/capvae compare runs/ --out runs/compare
+
+## tensorboard: serve every run under runs/ (scalars, images, hparams) at http://localhost:6006.
+tensorboard: install
+	$(BIN)/tensorboard --logdir runs/
 
 ## answer: every experiment behind docs/question.md (experiments/question/), offline;
 ## figures and numbers go to docs/figures/question, runs to runs/question (resumed if there).

@@ -23,7 +23,8 @@ CONV_IMPLS = backend.CONV_IMPLS  # how the layers compute
 # num_steps to continue training); any other difference is refused.
 # num_devices is here too: where members run does not change their numbers.
 BOOKKEEPING_FIELDS = frozenset(
-    {'num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'num_devices'})
+    {'num_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints', 'num_devices',
+     'trackers', 'tracker_project', 'wandb_mode', 'mlflow_uri', 'log_images'})
 
 
 def _get(config, name):
@@ -124,6 +125,13 @@ def validate(config) -> None:
                       ' datasets, the TFDS data_dir).')
   if not isinstance(_get(config, 'beta_norm'), bool):
     raise ConfigError('config.beta_norm must be True or False.')
+  if not isinstance(_get(config, 'log_images'), bool):
+    raise ConfigError('config.log_images must be True or False.')
+  for name in ('tracker_project', 'mlflow_uri'):
+    if not isinstance(_get(config, name), str):
+      raise ConfigError(f'config.{name} = {_get(config, name)!r}: must be a string.')
+  from capvae import tracking  # pylint: disable=g-import-not-at-top
+  tracking.check(config)
   for name, rule in NUMBER_RULES.items():
     _number(config, name, **rule)
   shards = _get(config, 'data_shards')
@@ -224,6 +232,8 @@ def check_against_dataset(config, dataset) -> None:
 LATER_FIELDS = {'dataset_split': 'train', 'data_shards': 1, 'init': 'lecun',
                 'conv_impl': 'auto', 'tc_estimator': 'mws', 'dip_type': 'i',
                 'discriminator_layers': 6, 'discriminator_units': 1000,
+                'trackers': ('tensorboard',), 'tracker_project': 'capvae',
+                'wandb_mode': 'offline', 'mlflow_uri': '', 'log_images': True,
                 **train_state.LATER_HPARAMS}
 # Fields that runs were saved with and capvae no longer has: the value under
 # which a saved run is the same run without them, and what became of them.

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from capvae import losses, metrics, models
+from capvae import losses, metrics, models, progress
 from capvae import workdir as workdir_lib
 from capvae.metrics import information
 from capvae.data import base
@@ -111,7 +111,11 @@ class GridCodes:
       return
     t0 = time.perf_counter()
     factors = _unflatten(todo, self.dataset.factor_sizes)
-    for start in range(0, todo.size, self.chunk):
+    starts = range(0, todo.size, self.chunk)
+    if len(starts) >= 50:  # a pass worth watching: the whole grid, or most of it
+      starts = progress.iterate(starts, len(starts), f'encoding {todo.size} images',
+                                'chunk')
+    for start in starts:
       part = factors[start:start + self.chunk]
       n = part.shape[0]
       if n < self.chunk:
@@ -291,7 +295,7 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
     info_flat = information_images(dataset.num_examples, scale, seed)
     info_queries = max(100, round(INFO_QUERIES * scale))
   records = []
-  for m, row in enumerate(run.rows):
+  for m, row in progress.iterate(enumerate(run.rows), len(run.rows), 'evaluate', 'member'):
     if has_factors:
       scores, times, mi = metrics.evaluate_all(
           grid.codes_fn(m), dataset.factor_sizes, seed=seed, sizes=sizes,

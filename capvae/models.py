@@ -16,6 +16,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from capvae import layers
 
@@ -188,6 +189,31 @@ class VAE(nn.Module):
 
   def decode(self, z):
     return self.decoder(z)
+
+
+# Latent values a traversal sets one latent to (the prior's ±2.5 sd).
+TRAVERSAL_VALUES = np.linspace(-2.5, 2.5, 11)
+
+
+def to_pixels(reconstruction: str, out):
+  """Decoder outputs as pixels in [0, 1] (``'bernoulli'``: logits)."""
+  if reconstruction == 'bernoulli':
+    return jax.nn.sigmoid(out)
+  return jnp.clip(out, 0.0, 1.0)
+
+
+def decoded_images(model, params, x, order, reconstruction: str):
+  """``(traversals [L·V, ...], reconstructions of x)`` from posterior means:
+  the traversals set latent ``order[l]`` of x[0]'s code to each of the V
+  :data:`TRAVERSAL_VALUES`."""
+  mean, _ = model.apply(params, x, method=VAE.encode)
+  recon = to_pixels(reconstruction, model.apply(params, mean, method=VAE.decode))
+  values = jnp.asarray(TRAVERSAL_VALUES, jnp.float32)
+  rows = order.shape[0] * values.shape[0]
+  codes = jnp.tile(mean[0], (rows, 1)).at[
+      jnp.arange(rows), jnp.repeat(order, values.shape[0])].set(
+          jnp.tile(values, order.shape[0]))
+  return to_pixels(reconstruction, model.apply(params, codes, method=VAE.decode)), recon
 
 
 class Discriminator(nn.Module):

@@ -38,14 +38,14 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from capvae import evaluate, losses, models  # noqa: E402
+from capvae import evaluate, losses, models, progress  # noqa: E402
 from capvae import train_state as ts  # noqa: E402
 from capvae import workdir as workdir_lib  # noqa: E402
 from capvae.errors import ConfigError  # noqa: E402
 
 REPORT_DIR = 'report'
 GAP_NATS = 1.0  # the KL-follows-C tolerance marked in the diagnostic
-TRAVERSAL_VALUES = np.linspace(-2.5, 2.5, 11)
+TRAVERSAL_VALUES = models.TRAVERSAL_VALUES
 # Metrics drawn against the swept hyperparameters (keys of eval.json's metrics).
 SWEEP_METRICS = tuple(evaluate.HEADLINE)
 SWEEP_AXES = tuple(h for h in ts.HPARAM_NAMES if h != 'seed')
@@ -247,23 +247,9 @@ def fig_sweep_metrics(records, names: Sequence[str]):
 # --------------------------------------------------------------------------
 
 
-def _to_pixels(reconstruction: str, out):
-  if reconstruction == 'bernoulli':
-    return jax.nn.sigmoid(out)
-  return jnp.clip(out, 0.0, 1.0)
-
-
 @functools.partial(jax.jit, static_argnames=('model', 'reconstruction'))
 def _decoded(params, x, order, *, model, reconstruction):
-  """``(traversals [L·V, ...], reconstructions of x)`` in one program: the
-  traversals set latent ``order[l]`` of x[0]'s code to each of the V values."""
-  mean, _ = model.apply(params, x, method=models.VAE.encode)
-  recon = _to_pixels(reconstruction, model.apply(params, mean, method=models.VAE.decode))
-  values = jnp.asarray(TRAVERSAL_VALUES, jnp.float32)
-  rows = order.shape[0] * values.shape[0]
-  codes = jnp.tile(mean[0], (rows, 1)).at[jnp.arange(rows), jnp.repeat(order, values.shape[0])].set(
-      jnp.tile(values, order.shape[0]))
-  return _to_pixels(reconstruction, model.apply(params, codes, method=models.VAE.decode)), recon
+  return models.decoded_images(model, params, x, order, reconstruction)
 
 
 def model_images(run: workdir_lib.Members, member: int, order, seed: int = 0,
@@ -469,7 +455,7 @@ def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 
                  ' eval.json); the total correlation\'s estimate depends on the batch'
                  ' size.</p>')
 
-  for r in records:
+  for r in progress.iterate(records, len(records), 'report figures', 'member'):
     m = r['member']
     mr = _member_rows(rows, m)
     label = _label(r, varying)

@@ -32,8 +32,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from capvae import config_lib, data, losses, models, parallel, sweep
-from capvae import backend
+from capvae import config_lib, data, losses, models, parallel, sweep, tracking
+from capvae import backend, progress
 from capvae import train_state as ts
 from capvae import workdir as workdir_lib
 from capvae.data.prefetch import Prefetcher
@@ -269,13 +269,6 @@ def log_records(step: int, member_rows, metrics, steps_per_sec: float):
   return records
 
 
-def _format_duration(seconds: float) -> str:
-  seconds = int(max(0, seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
-
-
 class _Preemption:
   """Turns SIGTERM / SIGINT into a flag the loop polls (then saves and stops)."""
 
@@ -320,6 +313,28 @@ def build_program(model, spec: StepSpec, dataset, mesh, member_loop: str):
   return init, train_step, dataset
 
 
+def make_images_fn(model, dataset, reconstruction: str, latent_size: int, num_inputs: int = 8):
+  """``images(states, rows) -> {member: {tag: image}}``: each member's
+  reconstructions of ``num_inputs`` fixed images and its traversals (every
+  latent, in order), for the trackers (:func:`capvae.tracking.checkpoint_images`).
+  Every process calls it (the states may span processes)."""
+  from capvae import evaluate  # pylint: disable=g-import-not-at-top
+  x = evaluate.draw_images(dataset, jax.random.key(1), num_inputs)
+  order = jnp.arange(latent_size, dtype=jnp.int32)
+  decode = jax.jit(jax.vmap(
+      lambda p: models.decoded_images(model, p, x, order, reconstruction)))
+  inputs = np.asarray(x)
+
+  def images(states, rows):
+    pics, recons = parallel.fetch(decode(states.params))
+    values = len(models.TRAVERSAL_VALUES)
+    return {row['member']: tracking.checkpoint_images(
+        np.asarray(pics[i]).reshape(latent_size, values, *pics.shape[2:]), inputs,
+        np.asarray(recons[i])) for i, row in enumerate(rows)}
+
+  return images
+
+
 def _flag_frozen(records, warned: set[int]) -> None:
   for r in records:
     if r['frozen'] and r['member'] not in warned:
@@ -349,6 +364,7 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   config_lib.check_against_dataset(config, dataset)
   resuming = workdir_lib.check_workdir(workdir, config) is not None
   config_lib.check_devices(config, len(jax.devices()), jax.process_count())
+  tracker_names = tracking.check(config)
   streamed = getattr(dataset, 'streamed', False)
   if streamed and jax.process_count() > 1:
     raise ConfigError(
@@ -376,6 +392,9 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
   if not resuming:
     write_config()
 
+  images = None
+  if tracker_names and config.log_images:
+    images = make_images_fn(model, dataset, config.reconstruction, config.latent_size)
   stream = dataset if streamed else None
   if streamed:  # the step sees one batch at a time; compile with step 0's
     dataset = stream.batch(spec.data_seed, 0, spec.batch_size)
@@ -407,8 +426,11 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
         logging.info('Chunk %d: nothing to do (step %d >= num_steps %d).', chunk,
                      step, config.num_steps)
         continue
+      trackers = tracking.open_trackers(config, workdir, chunk_rows, step, primary=primary)
       if compiled is None:
         t0 = time.perf_counter()
+        logging.info('Compiling the train step for %d slot(s) (once per run: seconds to a'
+                     ' few minutes)...', slots)
         compiled = train_step.lower(states, dataset).compile()
         logging.info('Compiled the train step for %d slot(s) in %.1fs.', slots,
                      time.perf_counter() - t0)
@@ -418,8 +440,10 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
                           jax.tree.leaves(dataset)[0].sharding, step, config.num_steps)
       try:
         states, stopped = _train_chunk(config, compiled, states, feed or dataset, step,
-                                       mngr, chunk_rows, metrics_path if primary else None)
+                                       mngr, chunk_rows, metrics_path if primary else None,
+                                       trackers, images)
       finally:
+        trackers.close()
         if feed is not None:
           feed.close()
           logging.info('Chunk %d: the step waited %.1f s for streamed batches.', chunk,
@@ -434,16 +458,21 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
 
 
 def _train_chunk(config, compiled, states, dataset, step, mngr, chunk_rows,
-                 metrics_path):
+                 metrics_path, trackers=None, images=None):
   """Trains one chunk from ``step`` to ``config.num_steps``; True if stopped early.
 
   ``dataset`` is the placed dataset, or a :class:`Prefetcher` giving each step's.
+  ``trackers`` get each logged record, and ``images(states, chunk_rows)`` at each
+  checkpoint of the ``checkpoint_every`` grid and the last step.
   """
+  trackers = trackers or tracking.Trackers([], ())
   num_steps = config.num_steps
   multi = jax.process_count() > 1
   warned: set[int] = set()
   log_file = open(metrics_path, 'a') if metrics_path else contextlib.nullcontext()
-  with _Preemption() as preemption, log_file as log:
+  # On a terminal, a bar (the writing process's) replaces the per-log-step lines.
+  bar = progress.bar(num_steps, 'train', 'step', initial=step) if metrics_path else None
+  with _Preemption() as preemption, log_file as log, bar or contextlib.nullcontext():
     t_start, step_start = time.perf_counter(), step
     t_last, step_last = t_start, step
     while step < num_steps:
@@ -453,6 +482,8 @@ def _train_chunk(config, compiled, states, dataset, step, mngr, chunk_rows,
       logged = step
       step += 1
       log_now = logged % config.log_every == 0 or step == num_steps
+      if bar is not None:
+        bar.update(1)
       stop = mngr.reached_preemption(step)
       if multi:  # a signal reaches one process: agree at log steps
         stop = stop or (log_now and parallel.any_process(preemption.requested))
@@ -473,16 +504,26 @@ def _train_chunk(config, compiled, states, dataset, step, mngr, chunk_rows,
           for row in records:
             log.write(json.dumps(row) + '\n')
           log.flush()
+          trackers.log_records(records)
         mean_rate = (step - step_start) / max(now - t_start, 1e-9)
         live = [r for r in records if not r['frozen']]
         r0 = live[0]
-        logging.info(
-            'step %d/%d  member %d: loss %.2f  rec %.2f  kl %.2f  C %.2f  |'
-            '  %d/%d live  %.2f steps/s, %s left', logged, num_steps, r0['member'],
-            r0['loss'], r0['rec'], r0['kl'], r0['c'], len(live), len(records), rate,
-            _format_duration((num_steps - step) / mean_rate))
-      if step % config.checkpoint_every == 0 or step == num_steps or stop:
+        if bar is not None:
+          bar.set_postfix_str(
+              f'member {r0["member"]}: loss {r0["loss"]:.2f} rec {r0["rec"]:.2f} kl'
+              f' {r0["kl"]:.2f} C {r0["c"]:.2f} | {len(live)}/{len(records)} live',
+              refresh=False)
+        else:
+          logging.info(
+              'step %d/%d  member %d: loss %.2f  rec %.2f  kl %.2f  C %.2f  |'
+              '  %d/%d live  %.2f steps/s, %s left', logged, num_steps, r0['member'],
+              r0['loss'], r0['rec'], r0['kl'], r0['c'], len(live), len(records), rate,
+              progress.format_duration((num_steps - step) / mean_rate))
+      on_grid = step % config.checkpoint_every == 0 or step == num_steps
+      if on_grid or stop:
         mngr.save(step, args=ocp.args.StandardSave(states))
+      if on_grid and images is not None:  # not at a stop: a resumed run has them
+        trackers.log_images(step, images(states, chunk_rows))
       if stop:
         logging.warning('Stopped at step %d; rerun the same command to resume.', step)
         return states, True

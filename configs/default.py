@@ -133,4 +133,17 @@ def get_config():
   config.log_every = 100
   config.checkpoint_every = 1000
   config.keep_checkpoints = 2
+  # Where training reports besides metrics.jsonl (capvae/tracking.py), a list of
+  # 'tensorboard' (WORKDIR/tb; `tensorboard --logdir runs/`), 'wandb', 'mlflow'
+  # (the last two: pip install 'capvae[trackers]'); on the command line
+  # --config.trackers=tensorboard,wandb. W&B runs in project tracker_project,
+  # in wandb_mode 'offline' (`wandb sync` uploads later) | 'online' | 'disabled';
+  # MLflow's experiment is tracker_project, its store mlflow_uri (empty: a file
+  # store in WORKDIR/mlruns). log_images: reconstructions and traversals at
+  # each checkpoint.
+  config.trackers = ('tensorboard',)
+  config.tracker_project = 'capvae'
+  config.wandb_mode = 'offline'
+  config.mlflow_uri = ''
+  config.log_images = True
   return config

@@ -1,0 +1,4 @@
+import sys
+from capvae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,344 @@
+"""TensorBoard, W&B and MLflow: what each tracker holds is what the run logged."""
+
+import io
+import json
+import math
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from capvae import tracking, train, models
+from capvae import train_state as ts
+from capvae import workdir as workdir_lib
+from capvae.errors import ConfigError
+from conftest import load_config
+
+# Under pytest-xdist, on one worker: they share the module's runs.
+pytestmark = pytest.mark.xdist_group('test_tracking')
+
+
+def tb_runs(root):
+  """TensorBoard's own loading of a log directory (as ``tensorboard --logdir``):
+  ``{run: accumulator}``."""
+  from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
+  mux = pem.EventMultiplexer()
+  mux.AddRunsFromDirectory(root)
+  mux.Reload()
+  return mux, {run: mux.GetAccumulator(run) for run in mux.Runs()}
+
+
+def tb_scalars(acc):
+  """``{tag: [(step, value)]}`` of a run's scalars, read back by TensorBoard."""
+  out = {}
+  for tag in acc.Tags()['tensors']:
+    if not tag.startswith(tracking.TRAIN):
+      continue
+    out[tag] = [(e.step, float(np.asarray(e.tensor_proto.float_val[0])))
+                for e in acc.Tensors(tag)]
+  return out
+
+
+def tb_images(acc):
+  """``{tag: [(step, pixels)]}`` of a run's images, decoded from their PNGs."""
+  from PIL import Image
+  out = {}
+  for tag in acc.Tags()['tensors']:
+    if tag.startswith(tracking.IMAGES):
+      out[tag] = [(e.step, np.asarray(Image.open(io.BytesIO(e.tensor_proto.string_val[2]))))
+                  for e in acc.Tensors(tag)]
+  return out
+
+
+def tb_hparams(mux, run):
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  content = mux.PluginRunToTagToContent('hparams')[run]['_hparams_/session_start_info']
+  data = plugin_data_pb2.HParamsPluginData.FromString(content)
+  return {k: (v.number_value if v.HasField('number_value') else
+              v.bool_value if v.HasField('bool_value') else v.string_value)
+          for k, v in data.session_start_info.hparams.items()}
+
+
+def _same(a, b):
+  """Equal as float32 (TensorBoard keeps float32), NaN (None in the log) included."""
+  a = np.float32(np.nan if a is None else a)
+  b = np.float32(np.nan if b is None else b)
+  return (np.isnan(a) and np.isnan(b)) or a == b
+
+
+@pytest.fixture(scope='session')  # once per worker: see conftest.py
+def tracked(tmp_path_factory):
+  """The three-member test sweep trained in one go, and again with a crash after
+  its step-4 checkpoint (the log and TensorBoard had reached step 7) and a resume."""
+  root = tmp_path_factory.mktemp('tracked')
+  config = load_config('test_sweep')
+  config.keep_checkpoints = 3
+  config.log_every = 1
+  one_go, resumed = str(root / 'one_go'), str(root / 'resumed')
+  train.train_and_evaluate(config, one_go)
+  train.train_and_evaluate(config, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', 'chunk_000', '8'))
+  before = {m: tb_scalars(acc) for m, acc in tb_runs(os.path.join(resumed, 'tb'))[1].items()}
+  train.train_and_evaluate(config, resumed)
+  return str(root), one_go, resumed, before
+
+
+def test_tensorboard_scalars_are_the_logs_values(tracked):
+  _, one_go, _, _ = tracked
+  rows = workdir_lib.read_metrics(os.path.join(one_go, workdir_lib.METRICS_FILE))
+  _, runs = tb_runs(os.path.join(one_go, 'tb'))
+  assert sorted(runs) == [f'member_00{m}' for m in range(3)]
+  for m in range(3):
+    got = tb_scalars(runs[f'member_00{m}'])
+    mine = [r for r in rows if r['member'] == m]
+    assert [s for s, _ in got['train/loss']] == [r['step'] for r in mine] == list(range(8))
+    for r in mine:
+      for k, v in r.items():
+        if k == 'kl_per_latent':
+          for i, e in enumerate(v):
+            assert _same(dict(got[f'train/kl_per_latent/z{i}'])[r['step']], e)
+        elif k in tracking._NOT_SCALARS or k in ts.HPARAM_NAMES:
+          assert f'train/{k}' not in got  # hyperparameters are hparams, not curves
+        else:
+          assert _same(dict(got[f'train/{k}'])[r['step']], v), (m, k, r['step'])
+    assert 'train/kl_minus_c' in got and 'train/c' in got and 'train/grad_norm' in got
+
+
+def test_tensorboard_loads_every_tag_of_every_member_under_runs(tracked):
+  """``tensorboard --logdir ROOT`` sees every member of both workdirs as a run,
+  with the scalars, both images, the hparams and the per-latent chart."""
+  root, one_go, _, _ = tracked
+  mux, runs = tb_runs(root)
+  expected = {f'{w}/tb/member_00{m}' for w in ('one_go', 'resumed') for m in range(3)}
+  assert set(runs) == expected
+  rows = workdir_lib.read_metrics(os.path.join(one_go, workdir_lib.METRICS_FILE))
+  hparams = workdir_lib.load_members(one_go)
+  for run, acc in runs.items():
+    tags = set(acc.Tags()['tensors'])
+    scalar_tags = set(tracking.scalars(rows[0], hparams[0]))
+    assert scalar_tags <= tags
+    assert {'images/reconstructions', 'images/traversals', '_hparams_/session_start_info',
+            'custom_scalars__config__'} <= tags
+    member = int(run[-3:])
+    got = tb_hparams(mux, run)
+    for k, v in hparams[member].items():
+      if k != 'member':
+        assert got[k] == pytest.approx(v), (run, k)
+    assert got['objective'] == 'capacity' and got['model'] == 'burgess'
+  layout = mux.PluginRunToTagToContent('custom_scalars')
+  assert all('custom_scalars__config__' in layout[r] for r in runs)
+
+
+def test_checkpoint_images_are_the_models_decodings(tracked):
+  """The last checkpoint's images are the member's reconstructions and
+  traversals, recomputed here one member at a time from the checkpoint."""
+  _, one_go, _, _ = tracked
+  _, runs = tb_runs(os.path.join(one_go, 'tb'))
+  run = workdir_lib.Members(one_go)
+  from capvae import evaluate
+  x = evaluate.draw_images(run.dataset, jax.random.key(1), 8)
+  order = jax.numpy.arange(run.config.latent_size)
+  for m in (0, 2):
+    images = tb_images(runs[f'member_00{m}'])
+    assert [s for s, _ in images['images/traversals']] == [4, 8]
+    params = jax.tree.map(lambda a: a[m], run.states.params)
+    pics, recon = models.decoded_images(run.model, params, x, order,
+                                        run.config.reconstruction)
+    pics = np.asarray(pics).reshape(run.config.latent_size, -1, *pics.shape[1:])
+    want = tracking.checkpoint_images(pics, np.asarray(x), np.asarray(recon))
+    for tag, (step, got) in ((t, v[-1]) for t, v in images.items()):
+      assert step == 8
+      assert got.shape == want[tag].shape[:2] + (3,)
+      assert np.abs(got / 255.0 - want[tag]).max() <= 1.0 / 255 + 1e-6, tag
+
+
+def test_a_resumed_sweep_has_the_uninterrupted_curves_point_for_point(tracked):
+  _, one_go, resumed, before = tracked
+  # Before the resume, the crashed run had logged past its restored checkpoint.
+  assert [s for s, _ in before['member_000']['train/loss']] == list(range(8))
+  _, a = tb_runs(os.path.join(one_go, 'tb'))
+  _, b = tb_runs(os.path.join(resumed, 'tb'))
+  assert set(a) == set(b)
+  for run in a:
+    sa, sb = tb_scalars(a[run]), tb_scalars(b[run])
+    assert set(sa) == set(sb)
+    for tag in sa:
+      steps = [s for s, _ in sb[tag]]
+      assert steps == sorted(set(steps)) == list(range(8)), (run, tag)  # no duplicates
+      if tag != 'train/steps_per_sec':  # the wall clock's
+        assert [(s, np.float32(v)) for s, v in sa[tag]] == [
+            (s, np.float32(v)) for s, v in sb[tag]] or all(
+                _same(x, y) for (_, x), (_, y) in zip(sa[tag], sb[tag])), (run, tag)
+    ia, ib = tb_images(a[run]), tb_images(b[run])
+    assert set(ia) == set(ib)
+    for tag in ia:
+      assert [s for s, _ in ia[tag]] == [s for s, _ in ib[tag]] == [4, 8]
+      for (_, x), (_, y) in zip(ia[tag], ib[tag]):
+        np.testing.assert_array_equal(x, y)
+  # Two files per member (before and after the resume), no duplicate hparams.
+  for m in range(3):
+    run_dir = os.path.join(resumed, 'tb', f'member_00{m}')
+    assert len(tracking.event_files(run_dir)) == 2
+  mux, _ = tb_runs(os.path.join(resumed, 'tb'))
+  acc = mux.GetAccumulator('member_000')
+  assert len(acc.Tensors('_hparams_/session_start_info')) == 1
+
+
+def test_truncation_keeps_the_restored_steps_images_and_drops_later_scalars(tmp_path):
+  from tensorboardX import SummaryWriter
+  w = SummaryWriter(str(tmp_path), filename_suffix='.a')
+  for s in range(6):
+    w.add_scalar('train/loss', float(s), s)
+  w.add_image('images/traversals', np.zeros((4, 4, 3)), 4, dataformats='HWC')
+  w.add_image('images/traversals', np.ones((4, 4, 3)), 6, dataformats='HWC')
+  w.close()
+  (path,) = tracking.event_files(str(tmp_path))
+  with open(path, 'ab') as f:  # a crash tore the last record
+    f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00torn')
+  tracking.truncate_events(str(tmp_path), 4)
+  _, runs = tb_runs(str(tmp_path))
+  acc = runs['.']
+  assert [e.step for e in acc.Tensors('train/loss')] == [0, 1, 2, 3]
+  assert [e.step for e in acc.Tensors('images/traversals')] == [4]
+
+
+@pytest.mark.parametrize('trackers, message', [
+    (('tensorboard', 'neptune'), "'neptune' is unknown; allowed: 'tensorboard', 'wandb',"),
+    (('wandb',), "pip install 'capvae[trackers]'"),
+    (('tensorboard', 'tensorboard'), 'names a tracker twice'),
+])
+def test_a_bad_or_missing_tracker_is_refused_before_anything_is_written(
+    tmp_path, monkeypatch, trackers, message):
+  real = tracking.importlib.util.find_spec
+  monkeypatch.setattr(tracking.importlib.util, 'find_spec',
+                      lambda n, *a: None if n == 'wandb' else real(n, *a))
+  config = load_config('test')
+  config.trackers = trackers
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(
+      ')', r'\)').replace('[', r'\[').replace(']', r'\]')):
+    train.train_and_evaluate(config, workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_the_command_lines_list_of_trackers_is_split():
+  config = load_config('test')
+  config.trackers = ('tensorboard,mlflow',)
+  assert tracking.check(config) == ('tensorboard', 'mlflow')
+  config.trackers = ()
+  assert tracking.check(config) == ()
+
+
+def test_no_trackers_writes_no_tensorboard(tmp_path):
+  config = load_config('test')
+  config.trackers = ()
+  config.num_steps = 2
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'tb')
+
+
+def test_wandb_offline_and_mlflow_file_store_hold_the_logged_run(tmp_path, monkeypatch):
+  """W&B in offline mode and MLflow's local file store, with no network: each
+  member's run holds its hyperparameters, every logged value and the images."""
+  pytest.importorskip('wandb')
+  pytest.importorskip('mlflow')
+  for k in ('WANDB_API_KEY', 'WANDB_MODE', 'MLFLOW_TRACKING_URI'):
+    monkeypatch.delenv(k, raising=False)
+  monkeypatch.setenv('WANDB_BASE_URL', 'http://127.0.0.1:9')  # nothing listens there
+  config = load_config('test_sweep')
+  config.trackers = ('tensorboard', 'wandb', 'mlflow')
+  config.tracker_project = 'capvae-test'
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  rows = workdir_lib.read_metrics(os.path.join(workdir, workdir_lib.METRICS_FILE))
+  members = workdir_lib.load_members(workdir)
+
+  # MLflow: read back through its client.
+  from mlflow.tracking import MlflowClient
+  client = MlflowClient(tracking_uri='file:' + os.path.join(workdir, 'mlruns'))
+  exp = client.get_experiment_by_name('capvae-test')
+  runs = {r.data.tags['capvae.member']: r for r in client.search_runs([exp.experiment_id])}
+  assert sorted(runs) == ['0', '1', '2']
+  for m in range(3):
+    run = runs[str(m)]
+    assert run.info.run_name == f'run/member_00{m}'
+    assert float(run.data.params['gamma']) == members[m]['gamma']
+    assert run.data.params['objective'] == 'capacity'
+    mine = [r for r in rows if r['member'] == m]
+    for key in ('train/loss', 'train/kl', 'train/c', 'train/kl_per_latent/z1'):
+      history = sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id,
+                                                                             key))
+      name = key.split('/')[1]
+      want = [(r['step'], r[name][1] if name == 'kl_per_latent' else r[name]) for r in mine]
+      assert [s for s, _ in history] == [s for s, _ in want]
+      assert all(math.isclose(v, w, rel_tol=1e-6) for (_, v), (_, w) in zip(history, want))
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, 'images')]
+    assert any('reconstructions' in a and 'step+8' in a for a in artifacts), artifacts
+
+  # W&B: one offline run per member, read back from its transaction log.
+  offline = sorted(d for d in os.listdir(os.path.join(workdir, 'wandb'))
+                   if d.startswith('offline-run-'))
+  assert len(offline) == 3
+  for d in offline:
+    (log,) = [f for f in os.listdir(os.path.join(workdir, 'wandb', d)) if f.endswith('.wandb')]
+    run, history = wandb_offline_run(os.path.join(workdir, 'wandb', d, log))
+    m = int(run['name'][-3:])
+    assert run['name'] == f'run/member_00{m}'
+    for k, v in members[m].items():
+      if k != 'member':
+        assert run['config'][k] == pytest.approx(v), k
+    assert run['config']['objective'] == 'capacity'
+    mine = [r for r in rows if r['member'] == m]
+    assert sorted(s for s in history if 'train/loss' in history[s]) == [r['step'] for r in mine]
+    for r in mine:
+      for k in ('loss', 'kl', 'rec', 'c', 'grad_norm'):
+        assert math.isclose(history[r['step']][f'train/{k}'], r[k], rel_tol=1e-6), k
+      assert math.isclose(history[r['step']]['train/kl_per_latent/z3'],
+                          r['kl_per_latent'][3], rel_tol=1e-6)
+    for step in (4, 8):
+      for tag in ('images/traversals', 'images/reconstructions'):
+        assert history[step][f'{tag}/_type'] == 'image-file'
+        assert os.path.isfile(os.path.join(workdir, 'wandb', d, 'files',
+                                           history[step][f'{tag}/path']))
+
+
+def wandb_offline_run(path):
+  """``({'name', 'config'}, {step: {key: value}})`` of an offline W&B run's
+  ``.wandb`` file: records of wandb's protobuf in LevelDB's log framing
+  (32 KiB blocks; a 7-byte header per fragment: CRC, length, kind)."""
+  import struct
+  from wandb.proto import wandb_internal_pb2 as pb
+  with open(path, 'rb') as f:
+    data = f.read()
+  assert data[:4] == b':W&B'
+  payloads, pos, buf = [], 7, b''
+  while pos + 7 <= len(data):
+    space = 32768 - pos % 32768
+    if space < 7:
+      pos += space
+      continue
+    _, length, kind = struct.unpack('<IHB', data[pos:pos + 7])
+    chunk = data[pos + 7:pos + 7 + length]
+    pos += 7 + length
+    if kind == 1:
+      payloads.append(chunk)
+    elif kind == 2:
+      buf = chunk
+    elif kind == 3:
+      buf += chunk
+    elif kind == 4:
+      payloads.append(buf + chunk)
+  run, history = {}, {}
+  for payload in payloads:
+    record = pb.Record.FromString(payload)
+    kind = record.WhichOneof('record_type')
+    if kind == 'run':
+      run = {'name': record.run.display_name,
+             'config': {i.key: json.loads(i.value_json) for i in record.run.config.update}}
+    elif kind == 'history':
+      items = {i.key or '/'.join(i.nested_key): json.loads(i.value_json)
+               for i in record.history.item}
+      history.setdefault(int(items['_step']), {}).update(items)
+  return run, history
