@@ -348,6 +348,8 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
   }
   if jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, EVAL_FILE), result)
+    from capvae import tracking  # pylint: disable=g-import-not-at-top
+    tracking.write_scores(workdir, records, run.step)
   return result
 
 

@@ -16,7 +16,11 @@ every workdir under ``runs/``. Each tracker gets the same things:
   from the posterior means; ``images/traversals``: latent ``zI`` of the first
   input's code set to each of ``TRAVERSAL_VALUES``, one row per latent);
 * the member's hyperparameters (TensorBoard's hparams plugin; W&B's config;
-  MLflow's params), and after ``capvae evaluate`` its scores (``eval/*``).
+  MLflow's params).
+
+``capvae evaluate`` adds each member's scores to its TensorBoard run
+(``eval/mig``, ``eval/kl``, …, at the evaluated step; a new evaluation
+replaces them), so that the hparams table sorts a sweep by them.
 
 Only the process that writes the log writes these. A resumed run first cuts
 each member's TensorBoard events back to its restored checkpoint (scalars of
@@ -356,6 +360,39 @@ def open_trackers(config, workdir: str, rows, restored_step: int, *,
                         config.get('tracker_project', 'capvae'),
                         config.get('mlflow_uri', '')))
   return Trackers(out, ts.HPARAM_NAMES)
+
+
+# The suffix of the event file that holds a member's scores (one per workdir).
+_SCORES_SUFFIX = '.capvae-eval'
+
+
+def score_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+  """``eval/*`` scalars of one ``eval.json`` record: the headline metrics, the
+  held-out KL, reconstruction and I(x; z), and the objective's terms."""
+  out = {f'{EVAL}{k}': v for k, v in (record.get('metrics') or {}).items()}
+  out[f'{EVAL}kl'] = record.get('kl')
+  out[f'{EVAL}rec'] = record.get('rec')
+  out[f'{EVAL}active_latents'] = record.get('active_latents')
+  out[f'{EVAL}mi'] = (record.get('information') or {}).get('mi')
+  out.update({f'{EVAL}{k}': v for k, v in (record.get('objective_terms') or {}).items()})
+  return {k: float('nan') if v is None else float(v) for k, v in out.items()}
+
+
+def write_scores(workdir: str, records, step: int) -> None:
+  """Writes each evaluated member's scores into its TensorBoard run (replacing
+  an earlier evaluation's), so that TensorBoard's hparams table can sort a sweep
+  by them. Nothing happens for a workdir without ``tb/``."""
+  if not os.path.isdir(os.path.join(workdir, TB_DIR)):
+    return
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  for r in records:
+    run_dir = os.path.join(workdir, TB_DIR, member_run(r['member']))
+    for path in glob.glob(os.path.join(run_dir, f'events.out.tfevents.*{_SCORES_SUFFIX}')):
+      os.remove(path)
+    w = SummaryWriter(run_dir, filename_suffix=f'.{time.time_ns()}{_SCORES_SUFFIX}')
+    for tag, v in score_scalars(r).items():
+      w.add_scalar(tag, v, step)
+    w.close()
 
 
 # --------------------------------------------------------------------------

@@ -41,6 +41,25 @@ def _eval(workdir):
     return json.load(f)
 
 
+def test_scores_reach_tensorboard_once_per_evaluation(sweep_dir, tmp_path):
+  """Each member's TensorBoard run holds its eval.json scores at the evaluated
+  step; evaluating again replaces them (one scores file per member)."""
+  from test_tracking import tb_runs  # pylint: disable=g-import-not-at-top
+  from capvae import tracking  # pylint: disable=g-import-not-at-top
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(sweep_dir, copy)
+  result = _eval(copy)
+  tracking.write_scores(copy, result['members'], result['step'])  # a second evaluation
+  _, runs = tb_runs(os.path.join(copy, 'tb'))
+  for r in result['members']:
+    acc = runs[f'member_00{r["member"]}']
+    for tag, want in (('eval/mig', r['metrics']['mig']), ('eval/kl', r['kl']),
+                      ('eval/rec', r['rec']), ('eval/mi', r['information']['mi'])):
+      (event,) = acc.Tensors(tag)
+      assert event.step == result['step'] == 8
+      assert event.tensor_proto.float_val[0] == np.float32(want), tag
+
+
 def test_eval_json_has_one_record_per_member_with_its_hyperparameters(sweep_dir):
   result = _eval(sweep_dir)
   with open(os.path.join(sweep_dir, workdir_lib.MEMBERS_FILE)) as f:

@@ -362,6 +362,20 @@ def test_two_processes_give_the_single_process_result(sweep_run, tmp_path):
   for a, b in zip(_members(two), _members(one)):
     assert _leaves_equal(a, b)
   assert _strip(_rows(two)) == _strip(_rows(one))
+  # Process 0 alone wrote TensorBoard: one event file per member, the one-process values.
+  from test_tracking import tb_runs, tb_scalars  # pylint: disable=g-import-not-at-top
+  from capvae import tracking  # pylint: disable=g-import-not-at-top
+  assert sorted(os.listdir(os.path.join(two, 'tb'))) == [f'member_00{m}' for m in range(3)]
+  for m in range(3):
+    assert len(tracking.event_files(os.path.join(two, 'tb', f'member_00{m}'))) == 1
+  _, tb_two = tb_runs(os.path.join(two, 'tb'))
+  _, tb_one = tb_runs(os.path.join(one, 'tb'))
+  for run in tb_one:
+    a, b = tb_scalars(tb_two[run]), tb_scalars(tb_one[run])
+    assert a.keys() == b.keys()
+    for tag in a:
+      if tag != 'train/steps_per_sec':
+        assert a[tag] == b[tag], (run, tag)
   _close_to_single_device(_members(two), states, config)
   # The 4-row checkpoint resumes here on one device (3 rows): same members.
   restored = train.train_and_evaluate(load_config('test_sweep'), two)

@@ -342,3 +342,81 @@ def wandb_offline_run(path):
                for i in record.history.item}
       history.setdefault(int(items['_step']), {}).update(items)
   return run, history
+
+
+def test_tensorboard_serves_the_scalars_images_and_hparams(tracked):
+  """``tensorboard --logdir ROOT`` (the server itself) serves every member's
+  scalars, images and hyperparameters through its data API."""
+  import sys
+  from conftest import ROOT
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import tensorboard_screenshot as tbs  # pylint: disable=g-import-not-at-top
+  root, one_go, _, _ = tracked
+  port = tbs.free_port()
+  proc = tbs.serve(root, port)
+  try:
+    base = f'http://127.0.0.1:{port}'
+    tbs.wait_for_runs(base)
+    data = tbs.served(base)
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+  runs = {f'{w}/tb/member_00{m}' for w in ('one_go', 'resumed') for m in range(3)}
+  assert set(data['runs']) == runs
+  rows = workdir_lib.read_metrics(os.path.join(one_go, workdir_lib.METRICS_FILE))
+  want = set(tracking.scalars(rows[0], ts.HPARAM_NAMES))
+  for run in runs:
+    assert set(data['scalars'][run]) == want
+    assert set(data['images'][run]) == {'images/reconstructions', 'images/traversals'}
+  hparams = {h['name'] for h in data['hparams']['hparamInfos']}
+  assert set(ts.HPARAM_NAMES) | {'objective', 'model', 'dataset'} <= hparams
+  assert {'train/kl', 'train/rec'} <= {m['name']['tag'] for m in data['hparams']['metricInfos']}
+
+
+def test_progress_bar_on_a_terminal_and_log_lines_elsewhere(monkeypatch):
+  from capvae import progress
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  monkeypatch.delenv(progress.ENV, raising=False)
+  term = Terminal()
+  assert list(progress.iterate(range(40), 40, 'evaluate', 'member', stream=term)) == list(
+      range(40))
+  out = term.getvalue()
+  assert 'evaluate: 100%' in out and '40/40' in out and 'member/s' in out
+  assert progress.bar(10, 'x', stream=io.StringIO()) is None  # not a terminal: no bar
+  monkeypatch.setenv(progress.ENV, '1')
+  assert progress.enabled(io.StringIO())
+  monkeypatch.setenv(progress.ENV, '0')
+  assert not progress.enabled(term)
+  logged = []
+  monkeypatch.setattr(progress.logging, 'info', lambda fmt, *a: logged.append(fmt % a))
+  assert list(progress.iterate(range(5), 5, 'encoding', 'chunk', log_seconds=0)) == list(
+      range(5))
+  assert logged[0].startswith('encoding: 1/5 chunk,') and 'left' in logged[0]
+  assert len(logged) == 4  # the last item needs no line
+  assert progress.format_duration(3725) == '1h02m05s'
+
+
+def test_load_results_of_a_sweep_without_eval_json(tracked):
+  import capvae
+  _, one_go, resumed, _ = tracked
+  df = capvae.load_results([one_go, os.path.join(os.path.dirname(one_go), 'res*')])
+  assert list(df['run']) == ['one_go'] * 3 + ['resumed'] * 3
+  assert list(df['member']) == [0, 1, 2] * 2
+  rows = workdir_lib.read_metrics(os.path.join(one_go, workdir_lib.METRICS_FILE))
+  members = workdir_lib.load_members(one_go)
+  for m in range(3):
+    last = [r for r in rows if r['member'] == m][-1]
+    got = df.iloc[m]
+    assert got['step'] == last['step'] == 7
+    assert got['train_kl'] == last['kl'] and got['train_c'] == last['c']
+    assert got['gamma'] == members[m]['gamma'] and got['seed'] == members[m]['seed']
+  assert 'mig' not in df and df['eval_kl'].isna().all()
+  assert df.iloc[3:]['train_kl'].tolist() == df.iloc[:3]['train_kl'].tolist()  # resumed
+  with pytest.raises(ConfigError, match='holds no capvae workdir'):
+    capvae.load_results(os.path.join(one_go, 'tb'))
+  with pytest.raises(ConfigError, match='no such file or directory'):
+    capvae.load_results([one_go, '/nonexistent/*'])
