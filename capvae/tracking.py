@@ -9,8 +9,9 @@ every workdir under ``runs/``. Each tracker gets the same things:
 * every logged step's scalars (``train/loss``, ``train/rec``, ``train/kl``,
   ``train/c``, ``train/kl_minus_c``, the objective's terms, gradient and
   parameter norms, ``train/steps_per_sec``; the per-latent KL as
-  ``train/kl_per_latent/zI``, one multiline chart per member in TensorBoard's
-  custom scalars), with exactly the values of ``metrics.jsonl``;
+  ``train/kl_per_latent/zI``, drawn together in one multiline chart in
+  TensorBoard's Custom Scalars: select a member's run to see its latents),
+  with exactly the values of ``metrics.jsonl``;
 * images at every checkpoint on the ``checkpoint_every`` grid and at the last
   step (``images/reconstructions``: fixed inputs above their reconstructions
   from the posterior means; ``images/traversals``: latent ``zI`` of the first
@@ -205,7 +206,9 @@ class TensorBoard:
         _, start, end = summary.hparams(_hparams_of(row, static), {})
         w._get_file_writer().add_summary(start)  # pylint: disable=protected-access
         w._get_file_writer().add_summary(end)  # pylint: disable=protected-access
-        w.add_custom_scalars({'capvae': {f'KL per latent ({member_run(row["member"])})': [
+        # One multiline chart (the same in every member's run, so TensorBoard
+        # shows it once): each selected member's latents, a line each.
+        w.add_custom_scalars({'capvae': {'KL per latent': [
             'Multiline', [rf'^{TRAIN}kl_per_latent/z\d+$']]}})
       self._writers[row['member']] = w
     del latent_size
@@ -401,8 +404,9 @@ def write_scores(workdir: str, records, step: int) -> None:
 
 
 def image_grid(images: np.ndarray, pad: int = 1) -> np.ndarray:
-  """``[R, C, H, W, ch]`` pixels in [0, 1] as one ``[H', W', 3]`` image (a 1-pixel
-  grey border between cells)."""
+  """``[R, C, H, W, ch]`` pixels in [0, 1] as one ``[H', W', 3]`` uint8 image (a
+  1-pixel grey border between cells; a pixel that is not finite, from a member
+  that diverged, is black)."""
   images = np.asarray(images, np.float32)
   if images.shape[-1] == 1:
     images = np.repeat(images, 3, axis=-1)
@@ -412,7 +416,7 @@ def image_grid(images: np.ndarray, pad: int = 1) -> np.ndarray:
     for j in range(c):
       y, x = pad + i * (h + pad), pad + j * (w + pad)
       out[y:y + h, x:x + w] = images[i, j]
-  return np.clip(out, 0.0, 1.0)
+  return np.round(np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def checkpoint_images(traversals: np.ndarray, inputs: np.ndarray,

@@ -2,7 +2,7 @@
 
 The README's commands run in a scratch folder (``configs/`` and
 ``experiments/`` linked in), in the README's order, shortened: each
-``train`` stops after 2 steps and each evaluation runs at 1% of the sample
+``train`` stops after 2 steps and each evaluation runs at 0.2% of the sample
 sizes. Make targets that run for many minutes (``sweep``, ``answer``, the
 benchmarks) are checked to exist and print their commands (``make -n``); what
 they run is tested elsewhere.
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.xdist_group('test_cli')
 BIN = os.path.dirname(sys.executable)
 CAPVAE = os.path.join(BIN, 'capvae')
 SHORT_TRAIN = ['--config.num_steps=2', '--config.checkpoint_every=2', '--config.log_every=1']
-SHORT_EVAL = ['--eval_scale=0.01']
+SHORT_EVAL = ['--eval_scale=0.002']
 LONG_MAKE_TARGETS = {'sweep', 'answer', 'bench', 'bench-step', 'bench-device', 'test'}
 
 
