@@ -1,6 +1,6 @@
 r"""Evaluates every member of a trained run: what each model learned.
 
-  python -m capvae.main --mode=evaluate --workdir runs/default
+  capvae evaluate --workdir runs/default
 
 For each member of the run in ``workdir`` (one, or all members of a sweep) at
 its latest checkpoint, this computes

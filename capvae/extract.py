@@ -1,13 +1,13 @@
 r"""Pulls one member out of a sweep as a stand-alone one-member run.
 
-  python -m capvae.extract --workdir runs/capacity_sweep --member 3 \
+  capvae extract --workdir runs/capacity_sweep --member 3 \
       --out runs/member3
 
 ``--out`` gets the member's config (its hyperparameters, no sweep), a member
 table of one row and its checkpoint (latest, or ``--step``). It evaluates and
 trains on like any single run:
 
-  python -m capvae.main --config configs/from_workdir.py:runs/member3 \
+  capvae train --config configs/from_workdir.py:runs/member3 \
       --workdir runs/member3 --config.num_steps=4000
 """
 

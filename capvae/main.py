@@ -1,10 +1,12 @@
 """Trains, evaluates and reports on capvae models.
 
-  python -m capvae.main --config configs/default.py --workdir runs/default \
+  capvae train --config configs/default.py --workdir runs/default \
       --config.gamma=500
-  python -m capvae.main --mode=evaluate --workdir runs/default   # eval.json
-  python -m capvae.main --mode=report --workdir runs/default     # report/index.html
+  capvae evaluate --workdir runs/default   # eval.json
+  capvae report --workdir runs/default     # report/index.html
 
+``capvae`` (:mod:`capvae.cli`) runs this module's modes as subcommands;
+``python -m capvae.main --mode=train|evaluate|report ...`` does the same.
 This file is intentionally kept short: the logic lives in
 :mod:`capvae.train`, which can be imported and tested on its own.
 """

@@ -1,6 +1,6 @@
 r"""Figures and one offline HTML page about a trained run.
 
-  python -m capvae.main --mode=report --workdir runs/default
+  capvae report --workdir runs/default
 
 writes ``report/`` in the workdir (evaluating first when ``eval.json`` is
 missing or older than the latest checkpoint):

@@ -399,7 +399,7 @@ def extract_member(workdir: str, member: int, out: str, step: int | None = None)
   ``out`` gets a config (the member's hyperparameters, no sweep), a member
   table of one row and a checkpoint at the same step, so it can be evaluated
   or trained further like any single run:
-  ``python -m capvae.main --config configs/from_workdir.py:OUT --workdir OUT``.
+  ``capvae train --config configs/from_workdir.py:OUT --workdir OUT``.
   ``out`` must not exist yet: nothing is ever overwritten.
   """
   config, _, state, row = load_member(workdir, member, step)

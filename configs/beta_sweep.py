@@ -1,6 +1,6 @@
 r"""beta-VAE over beta in {1, 2, 4, 6, 8, 16} × 3 seeds: 18 members in one program.
 
-  python -m capvae.main --config configs/beta_sweep.py --workdir runs/beta_sweep
+  capvae train --config configs/beta_sweep.py --workdir runs/beta_sweep
 
 Higgins et al. 2017 compare beta-VAEs on dSprites over such a grid (their
 Figure 7 uses beta up to 16 with the normalised form). Here the objective is

@@ -1,7 +1,7 @@
 r"""beta-TCVAE (Chen et al. 2018) on dSprites: disentanglement_lib's grid, shortened.
 
-  python -m capvae.main --config configs/beta_tcvae.py --workdir runs/beta_tcvae
-  python -m capvae.main --mode=report --workdir runs/beta_tcvae
+  capvae train --config configs/beta_tcvae.py --workdir runs/beta_tcvae
+  capvae report --workdir runs/beta_tcvae
   # the study's 300,000 steps and 3 seeds (a GPU): configs/beta_tcvae.py:study,seeds=3
 
 The loss is disentanglement_lib's, rec + KL + (beta − 1)·TC, with the total

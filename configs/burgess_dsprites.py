@@ -1,6 +1,6 @@
 r"""Burgess et al. 2018 on dSprites: gamma 1000, C 0 → 25 nats over 100k steps.
 
-  python -m capvae.main --config configs/burgess_dsprites.py \
+  capvae train --config configs/burgess_dsprites.py \
       --workdir runs/burgess_dsprites
 
 The paper's conv encoder/decoder and Bernoulli decoder, batch 64, gamma 1000,

@@ -1,7 +1,7 @@
 r"""The AnnealedVAE grid (gamma × C_max × seeds), shortened to run on a CPU.
 
   make sweep
-  # or: python -m capvae.main --config configs/capacity_sweep.py \
+  # or: capvae train --config configs/capacity_sweep.py \
   #         --workdir runs/capacity_sweep
 
 disentanglement_lib's AnnealedVAE study trains gamma = 1000 with C_max in

@@ -1,8 +1,8 @@
 r"""One capacity schedule, held two ways: gamma·|KL − C| and a PI controller.
 
-  python -m capvae.main --config configs/capacity_vs_controller.py:capacity \
+  capvae train --config configs/capacity_vs_controller.py:capacity \
       --workdir runs/cvc_capacity
-  python -m capvae.main --config configs/capacity_vs_controller.py:controller \
+  capvae train --config configs/capacity_vs_controller.py:controller \
       --workdir runs/cvc_controller
   python experiments/capacity_vs_controller.py   # both, evaluated, and the figures
 

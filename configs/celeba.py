@@ -1,6 +1,6 @@
 r"""Burgess et al. 2018 on CelebA: C raised to 50 nats, read through TFDS.
 
-  python -m capvae.main --config configs/celeba.py --workdir runs/celeba \
+  capvae train --config configs/celeba.py --workdir runs/celeba \
       --config.dataset_path=/path/to/tensorflow_datasets
 
 CelebA cannot be downloaded here: prepare it where it can be, in the

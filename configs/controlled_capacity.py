@@ -1,8 +1,8 @@
 r"""The AnnealedVAE's C_max grid held by a PI controller instead of gamma·|KL − C|.
 
-  python -m capvae.main --config configs/controlled_capacity.py \
+  capvae train --config configs/controlled_capacity.py \
       --workdir runs/controlled_capacity
-  python -m capvae.main --mode=report --workdir runs/controlled_capacity
+  capvae report --workdir runs/controlled_capacity
   # the AnnealedVAE's schedule (C over 100,000 of 300,000 steps; a GPU):
   #   configs/controlled_capacity.py:study,seeds=3
 

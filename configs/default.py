@@ -3,7 +3,7 @@ r"""The default experiment: a capacity-annealed beta-VAE on procedural dSprites.
 Offline, on a laptop CPU. Run it with
 
   make train    # then: make report
-  # or: python -m capvae.main --config configs/default.py --workdir runs/default
+  # or: capvae train --config configs/default.py --workdir runs/default
 
 The Burgess et al. 2018 setting (gamma 1000, the paper's conv model, Bernoulli
 decoder, batch 64, Adam 1e-4) with C rising at the slope of

@@ -1,8 +1,8 @@
 r"""DIP-VAE I or II (Kumar et al. 2018) on dSprites: disentanglement_lib's grid, shortened.
 
-  python -m capvae.main --config configs/dip_vae.py --workdir runs/dip_vae_i
-  python -m capvae.main --config configs/dip_vae.py:ii --workdir runs/dip_vae_ii
-  python -m capvae.main --mode=report --workdir runs/dip_vae_i
+  capvae train --config configs/dip_vae.py --workdir runs/dip_vae_i
+  capvae train --config configs/dip_vae.py:ii --workdir runs/dip_vae_ii
+  capvae report --workdir runs/dip_vae_i
   # the study's 300,000 steps and 3 seeds (a GPU): configs/dip_vae.py:i,study,seeds=3
 
 The loss is rec + KL + lambda_od·Σ_{i≠j} Cov_ij² + lambda_d·Σ_i (Cov_ii − 1)²,

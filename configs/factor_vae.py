@@ -1,7 +1,7 @@
 r"""FactorVAE (Kim & Mnih 2018) on dSprites: disentanglement_lib's grid, shortened.
 
-  python -m capvae.main --config configs/factor_vae.py --workdir runs/factor_vae
-  python -m capvae.main --mode=report --workdir runs/factor_vae
+  capvae train --config configs/factor_vae.py --workdir runs/factor_vae
+  capvae report --workdir runs/factor_vae
   # the study's 300,000 steps and 3 seeds (a GPU): configs/factor_vae.py:study,seeds=3
 
 The loss is rec + KL + gamma·TC, the total correlation estimated by a

@@ -1,6 +1,6 @@
 r"""The config saved in a workdir, to resume or continue it (e.g. an extracted member).
 
-  python -m capvae.main --config configs/from_workdir.py:runs/member3 \
+  capvae train --config configs/from_workdir.py:runs/member3 \
       --workdir runs/member3 --config.num_steps=4000
 """
 

@@ -1,9 +1,9 @@
 r"""Higgins et al. 2017 beta-VAE on dSprites: beta = 4, MLP 1200-1200.
 
-  python -m capvae.main --config configs/higgins_dsprites.py \
+  capvae train --config configs/higgins_dsprites.py \
       --workdir runs/higgins_dsprites
   # the paper's comparison, beta 4 against a plain VAE (beta 1), × N seeds:
-  python -m capvae.main --config configs/higgins_dsprites.py:compare,seeds=2 \
+  capvae train --config configs/higgins_dsprites.py:compare,seeds=2 \
       --workdir runs/higgins_compare
 
 The MLP encoder (1200-1200 ReLU) and decoder (1200-1200-1200 tanh, Bernoulli

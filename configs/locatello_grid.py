@@ -1,8 +1,8 @@
 r"""disentanglement_lib's AnnealedVAE and beta-VAE grids (Locatello et al. 2019).
 
-  python -m capvae.main --config configs/locatello_grid.py:annealed \
+  capvae train --config configs/locatello_grid.py:annealed \
       --workdir runs/annealed_grid
-  python -m capvae.main --config configs/locatello_grid.py:beta \
+  capvae train --config configs/locatello_grid.py:beta \
       --workdir runs/beta_grid
   # more or fewer seeds: --config configs/locatello_grid.py:annealed,seeds=5
 

@@ -1,6 +1,6 @@
 r"""A capacity-annealed VAE on MNIST read through TFDS (resized to 64×64).
 
-  python -m capvae.main --config configs/mnist.py --workdir runs/mnist \
+  capvae train --config configs/mnist.py --workdir runs/mnist \
       --config.dataset_path=/path/to/tensorflow_datasets
 
 Prepare MNIST where it can be downloaded (``tfds build mnist --data_dir=DIR

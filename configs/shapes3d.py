@@ -1,6 +1,6 @@
 r"""Burgess et al. 2018's capacity objective on procedural Shapes3D.
 
-  python -m capvae.main --config configs/shapes3d.py --workdir runs/shapes3d
+  capvae train --config configs/shapes3d.py --workdir runs/shapes3d
 
 The setting of ``burgess_dsprites.py`` (the paper's conv encoder/decoder, 10
 latents, gamma 1000, C 0 → 25 nats over 100,000 steps, Adam 1e-4, batch 64)

@@ -1,6 +1,6 @@
 r"""A config that trains in seconds, for tests and smoke runs.
 
-  python -m capvae.main --config configs/test.py --workdir /tmp/capvae_test
+  capvae train --config configs/test.py --workdir /tmp/capvae_test
 
 Burgess architecture with 4 latents, batch 8, 12 steps; C reaches 2 nats at
 step 8. Nothing is learned: this checks that every part of a run works.

@@ -1,6 +1,6 @@
 r"""A three-member sweep that trains in seconds, for tests and smoke runs.
 
-  python -m capvae.main --config configs/test_sweep.py --workdir /tmp/capvae_sweep
+  capvae train --config configs/test_sweep.py --workdir /tmp/capvae_sweep
 
 ``configs/test.py`` with gamma, C_max, the learning rate and the seed zipped
 over three members.

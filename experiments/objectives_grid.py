@@ -6,7 +6,7 @@ r"""Scores against each objective's weight, for the shortened grids.
 
 Reads evaluated sweeps (``eval.json``; e.g. ``configs/beta_tcvae.py``,
 ``factor_vae.py``, ``dip_vae.py``, ``controlled_capacity.py`` trained, then
-``python -m capvae.main --mode=evaluate``), finds each one's swept
+``capvae evaluate``), finds each one's swept
 hyperparameter, and writes
 
 * ``grids.png``: one row per run: the headline disentanglement metrics, the

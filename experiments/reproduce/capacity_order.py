@@ -4,7 +4,7 @@ r"""The order in which latents take capacity (Burgess et al. 2018, Fig. 3).
       --out docs/figures --name burgess
 
 Reads a trained, evaluated capacity run (``metrics.jsonl`` and ``eval.json``,
-from ``python -m capvae.main --mode=evaluate``) and writes
+from ``capvae evaluate``) and writes
 
 * ``NAME_kl_latents.png``: each latent's KL (batch means, as logged) against
   the training step, with C(t), each active latent labelled with the factor it
@@ -75,8 +75,8 @@ def main(argv):
   workdir = argv[1]
   result = evaluate.load(workdir)
   if result is None:
-    raise app.UsageError(f'{workdir} has no eval.json: run python -m capvae.main'
-                         f' --mode=evaluate --workdir {workdir} first.')
+    raise app.UsageError(f'{workdir} has no eval.json: run capvae evaluate'
+                         f' --workdir {workdir} first.')
   record = next(r for r in result['members'] if r['member'] == FLAGS.member)
   rows = [r for r in report.read_metrics(workdir) if r['member'] == FLAGS.member]
   order = capacity_order(rows, record, FLAGS.threshold)

@@ -3,8 +3,8 @@ r"""Scores against C_max or beta over seeds (Locatello et al. 2019's grids).
   python experiments/reproduce/grids.py runs/annealed_grid \
       --out docs/figures/grids --name annealed
 
-Reads an evaluated sweep (``eval.json`` from ``python -m capvae.main
---mode=evaluate``; e.g. ``configs/locatello_grid.py``), finds the swept
+Reads an evaluated sweep (``eval.json`` from ``capvae
+evaluate``; e.g. ``configs/locatello_grid.py``), finds the swept
 hyperparameter other than the seed, and writes
 
 * ``NAME_scores.png``: every headline metric, the held-out reconstruction,
@@ -136,8 +136,8 @@ def main(argv):
   workdir = argv[1]
   result = evaluate.load(workdir)
   if result is None:
-    raise app.UsageError(f'{workdir} has no eval.json: run python -m capvae.main'
-                         f' --mode=evaluate --workdir {workdir} first.')
+    raise app.UsageError(f'{workdir} has no eval.json: run capvae evaluate'
+                         f' --workdir {workdir} first.')
   records = result['members']
   axis = swept_axis(records)
   names = [*evaluate.HEADLINE, *EXTRA]
