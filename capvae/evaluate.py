@@ -93,10 +93,10 @@ class GridCodes:
       return jax.lax.map(  # means and log variances, [M, chunk, L] each
           lambda p: encoder.apply({'params': p['params']['encoder']}, x), params)
 
-    self._encode = jax.jit(encode)
-    latent = jax.eval_shape(
-        self._encode, params,
-        jax.ShapeDtypeStruct((chunk, len(dataset.factor_sizes)), jnp.int32))[0].shape[-1]
+    factors_shape = jax.ShapeDtypeStruct((chunk, len(dataset.factor_sizes)), jnp.int32)
+    latent = jax.eval_shape(jax.jit(encode), params, factors_shape)[0].shape[-1]
+    logging.info('Compiling the encoder pass for %d member(s)...', num_members)
+    self._encode = jax.jit(encode).lower(params, factors_shape).compile()
     self.codes = np.zeros((num_members, dataset.num_examples, latent), np.float32)
     self.logvars = np.zeros_like(self.codes)
     self.filled = np.zeros((dataset.num_examples,), bool)
