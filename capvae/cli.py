@@ -91,7 +91,7 @@ def _absl_parser(sub: str):
 def _run_absl(sub: str, args: list[str]) -> None:
   from absl import app  # pylint: disable=g-import-not-at-top
   module_name = SUBCOMMANDS[sub][0]
-  if any(a == '--mode' or a.startswith('--mode=') for a in args):
+  if any(a.lstrip('-') == 'mode' or a.lstrip('-').startswith('mode=') for a in args):
     print(f'{PROG} {sub}: error: --mode is the subcommand itself; drop it.', file=sys.stderr)
     sys.exit(2)
   module = importlib.import_module(module_name)

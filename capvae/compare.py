@@ -12,7 +12,8 @@ In Python, the same table as a pandas DataFrame:
 Each row is one member: its workdir (``run``, ``workdir``), the config's
 kinds (``objective``, ``model``, ``dataset``, …), its hyperparameters (every
 field of :class:`capvae.train_state.Hparams`), the last logged training
-values from ``metrics.jsonl`` (``step``, ``train_loss``, ``train_rec``,
+values from ``metrics.jsonl`` (``step``: the last logged step, as there,
+N − 1 for a run of N steps; ``train_loss``, ``train_rec``,
 ``train_kl``, ``train_c``, ``train_kl_minus_c``, ``frozen``) and, when the
 workdir has an ``eval.json``, every score in it (the headline metrics by
 their names, ``mig``, ``dci_disentanglement``, …, every score by its dotted
@@ -81,7 +82,11 @@ def find_workdirs(paths: str | Iterable[str]) -> list[str]:
           f'{p}: ' + ('no such file or directory' if not matches or not any(
               os.path.exists(m) for m in matches) else 'holds no capvae workdir')
           + ' (a workdir has config.json and members.json; train one with capvae train).')
-    out.extend(os.path.normpath(f) for f in found if os.path.normpath(f) not in out)
+    seen = {os.path.abspath(o) for o in out}
+    for f in found:
+      if os.path.abspath(f) not in seen:
+        seen.add(os.path.abspath(f))
+        out.append(os.path.normpath(f))
   return out
 
 
@@ -242,7 +247,7 @@ def write_html(df, path: str, title: str = 'capvae: results across runs') -> str
   """The table and its plots as one self-contained HTML page (inline data,
   style and script; nothing fetched)."""
   hparams = [h for h in ts.HPARAM_NAMES if h in df]
-  x_choices = varying(df, hparams) or hparams
+  x_choices = varying(df, hparams)  # the grid: none when nothing varies
   scores = score_columns(df)
   # The headline scores present, and the last training KL (every member has it).
   defaults = [s for s in (*HEADLINE_SCORES, 'train_kl') if s in scores and df[s].notna().any()]
@@ -395,6 +400,7 @@ function chooser() {
   for (const h of DATA.hparams) xs.add(new Option(h, h));
   for (const s of DATA.scores) ys.add(new Option(s, s));
   if (DATA.default_plots.length) { xs.value = DATA.default_plots[0][0]; ys.value = DATA.default_plots[0][1]; }
+  else if (DATA.scores.includes('train_kl')) ys.value = 'train_kl';
   logx.checked = wide(xs.value);
   const draw = () => { const c = document.getElementById('chosen'); c.innerHTML = '';
                        plot(xs.value, ys.value, logx.checked, c); };

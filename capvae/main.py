@@ -172,7 +172,8 @@ def main(argv):
   try:
     if FLAGS.mode == 'train':
       if FLAGS.config is None:
-        raise ConfigError('--config is required with --mode=train.')
+        raise ConfigError('--config is required to train (a config file, e.g.'
+                          ' --config configs/default.py).')
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == 'evaluate':
       from capvae import evaluate  # pylint: disable=g-import-not-at-top

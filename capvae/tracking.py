@@ -12,8 +12,8 @@ every workdir under ``runs/``. Each tracker gets the same things:
   ``train/kl_per_latent/zI``, drawn together in one multiline chart in
   TensorBoard's Custom Scalars: select a member's run to see its latents),
   with exactly the values of ``metrics.jsonl``;
-* images at every checkpoint on the ``checkpoint_every`` grid and at the last
-  step (``images/reconstructions``: fixed inputs above their reconstructions
+* images at each checkpoint of the ``checkpoint_every`` grid and at the last
+  step (not at one saved by a preemption) (``images/reconstructions``: fixed inputs above their reconstructions
   from the posterior means; ``images/traversals``: latent ``zI`` of the first
   input's code set to each of ``TRAVERSAL_VALUES``, one row per latent);
 * the member's hyperparameters (TensorBoard's hparams plugin; W&B's config;
@@ -23,12 +23,16 @@ every workdir under ``runs/``. Each tracker gets the same things:
 (``eval/mig``, ``eval/kl``, …, at the evaluated step; a new evaluation
 replaces them), so that the hparams table sorts a sweep by them.
 
-Only the process that writes the log writes these. A resumed run first cuts
-each member's TensorBoard events back to its restored checkpoint (scalars of
-steps at or after it; anything after it), as ``metrics.jsonl`` is, so its
-curves are those of an uninterrupted run, point for point. W&B resumes the
-member's run by id; MLflow starts a new run for the member (its history keeps
-every point it was given).
+Only the process that writes the log writes these, and flushes them at every
+log step and checkpoint. A resumed run first cuts each member's TensorBoard
+events back to its restored checkpoint (scalars of steps at or after it;
+anything after it), as ``metrics.jsonl`` is, and writes what the log holds
+before it that TensorBoard lacks (a run saved before TensorBoard was on), so
+after a stop, a crash or a preemption its curves are those of an
+uninterrupted run, point for point. W&B resumes the member's run by id: it
+ignores steps it already holds, which the resumed run recomputes bit for bit.
+MLflow starts a new run for the resumed member (its history keeps every point
+it was given).
 
 TensorBoard is written by ``tensorboardX`` (no TensorFlow). W&B (offline by
 default: ``wandb sync`` uploads later) and MLflow (a file store in the workdir
@@ -159,6 +163,21 @@ def _keep(event, restored_step: int) -> bool:
   return not any(v.tag.startswith(TRAIN) for v in event.summary.value)
 
 
+def _surviving(run_dir: str) -> tuple[bool, set[int]]:
+  """Whether a member's events hold its hyperparameters, and the steps of its
+  ``train/loss`` curve."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  hparams, steps = False, set()
+  for path in event_files(run_dir):
+    for _, payload in _raw_records(path):
+      event = event_pb2.Event.FromString(payload)
+      for v in event.summary.value:
+        hparams |= v.tag == '_hparams_/session_start_info'
+        if v.tag == f'{TRAIN}loss':
+          steps.add(event.step)
+  return hparams, steps
+
+
 def truncate_events(run_dir: str, restored_step: int) -> None:
   """Cuts a member's TensorBoard events back to its checkpoint at ``restored_step``
   (see :func:`_keep`); files are rewritten only if something goes, by rename."""
@@ -187,9 +206,13 @@ class TensorBoard:
   """One ``tensorboardX`` writer per member, in ``WORKDIR/tb/member_NNN``."""
 
   def __init__(self, workdir: str, rows: Sequence[Mapping[str, Any]], restored_step: int,
-               static: Mapping[str, Any], latent_size: int):
+               static: Mapping[str, Any], history: Sequence[Mapping[str, Any]] = ()):
+    """``history``: the ``metrics.jsonl`` records kept for the restored run;
+    those TensorBoard lacks (a run saved before it logged there, or points lost
+    to a kill) are written first, so the curves are whole."""
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    from capvae import train_state as ts  # pylint: disable=g-import-not-at-top
     self._writers = {}
     for row in rows:
       run_dir = os.path.join(workdir, TB_DIR, member_run(row['member']))
@@ -198,11 +221,17 @@ class TensorBoard:
           os.remove(path)
       else:
         truncate_events(run_dir, restored_step)
+      has_hparams, steps = _surviving(run_dir)
       # The suffix keeps a resumed writer from reopening (and overwriting) a
       # file made in the same second.
       w = SummaryWriter(run_dir, flush_secs=30, max_queue=1000,
                         filename_suffix=f'.{time.time_ns()}')
-      if restored_step == 0:
+      missing = [r for r in history if r.get('member') == row['member']
+                 and r.get('step', restored_step) < restored_step and r['step'] not in steps]
+      for r in missing:
+        for tag, v in scalars(r, ts.HPARAM_NAMES).items():
+          w.add_scalar(tag, v, r['step'])
+      if not has_hparams:
         _, start, end = summary.hparams(_hparams_of(row, static), {})
         w._get_file_writer().add_summary(start)  # pylint: disable=protected-access
         w._get_file_writer().add_summary(end)  # pylint: disable=protected-access
@@ -210,8 +239,8 @@ class TensorBoard:
         # shows it once): each selected member's latents, a line each.
         w.add_custom_scalars({'capvae': {'KL per latent': [
             'Multiline', [rf'^{TRAIN}kl_per_latent/z\d+$']]}})
+      w.flush()
       self._writers[row['member']] = w
-    del latent_size
 
   def log_scalars(self, member: int, step: int, values: Mapping[str, float]):
     w = self._writers[member]
@@ -222,6 +251,11 @@ class TensorBoard:
     w = self._writers[member]
     for tag, img in images.items():
       w.add_image(tag, img, step, dataformats='HWC')
+
+  def flush(self):
+    """On disk now: what a kill after this leaves is what the log holds."""
+    for w in self._writers.values():
+      w.flush()
 
   def close(self):
     for w in self._writers.values():
@@ -259,6 +293,9 @@ class WandB:
 
   def log_images(self, member, step, images):
     self._runs[member].log({t: self._wandb.Image(i) for t, i in images.items()}, step=step)
+
+  def flush(self):
+    pass
 
   def close(self):
     for r in self._runs.values():
@@ -302,6 +339,9 @@ class MLflow:
     for tag, img in images.items():
       self._client.log_image(self._runs[member], img, key=_mlflow_key(tag), step=step)
 
+  def flush(self):
+    pass
+
   def close(self):
     for run_id in self._runs.values():
       self._client.set_terminated(run_id)
@@ -327,11 +367,15 @@ class Trackers:
       values = scalars(r, self._hparam_names)
       for t in self._trackers:
         t.log_scalars(r['member'], r['step'], values)
+    for t in self._trackers:
+      t.flush()
 
   def log_images(self, step: int, images: Mapping[int, Mapping[str, np.ndarray]]):
     for member, imgs in images.items():
       for t in self._trackers:
         t.log_images(member, step, imgs)
+    for t in self._trackers:
+      t.flush()
 
   def close(self):
     for t in self._trackers:
@@ -342,9 +386,15 @@ class Trackers:
 
 
 def open_trackers(config, workdir: str, rows, restored_step: int, *,
-                  primary: bool = True) -> Trackers:
+                  primary: bool = True, history=()) -> Trackers:
   """The trackers ``config.trackers`` names for the members ``rows`` of a chunk
-  restored at ``restored_step`` (none off the primary process)."""
+  restored at ``restored_step`` (none off the primary process); ``history``:
+  the log's records kept for it (:class:`TensorBoard`).
+
+  TensorBoard writes local files: its errors stop the run like the log's. A
+  W&B or MLflow run that cannot start (a store that is not reachable, a login
+  that is missing) is left out with a warning, and training goes on.
+  """
   from capvae import train_state as ts  # pylint: disable=g-import-not-at-top
   if not primary:
     return Trackers([], ts.HPARAM_NAMES)
@@ -353,15 +403,20 @@ def open_trackers(config, workdir: str, rows, restored_step: int, *,
   out = []
   for name in check(config):
     if name == 'tensorboard':
-      out.append(TensorBoard(workdir, rows, restored_step, static, config.latent_size))
-    elif name == 'wandb':
-      out.append(WandB(workdir, rows, restored_step, static,
-                       config.get('tracker_project', 'capvae'),
-                       config.get('wandb_mode', 'offline')))
-    else:
-      out.append(MLflow(workdir, rows, restored_step, static,
-                        config.get('tracker_project', 'capvae'),
-                        config.get('mlflow_uri', '')))
+      out.append(TensorBoard(workdir, rows, restored_step, static, history))
+      continue
+    try:
+      if name == 'wandb':
+        out.append(WandB(workdir, rows, restored_step, static,
+                         config.get('tracker_project', 'capvae'),
+                         config.get('wandb_mode', 'offline')))
+      else:
+        out.append(MLflow(workdir, rows, restored_step, static,
+                          config.get('tracker_project', 'capvae'),
+                          config.get('mlflow_uri', '')))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('config.trackers: %s could not start (%s: %s); training goes on'
+                      ' without it.', name, type(e).__name__, e)
   return Trackers(out, ts.HPARAM_NAMES)
 
 

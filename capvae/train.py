@@ -426,7 +426,6 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
         logging.info('Chunk %d: nothing to do (step %d >= num_steps %d).', chunk,
                      step, config.num_steps)
         continue
-      trackers = tracking.open_trackers(config, workdir, chunk_rows, step, primary=primary)
       if compiled is None:
         t0 = time.perf_counter()
         logging.info('Compiling the train step for %d slot(s) (once per run: seconds to a'
@@ -434,11 +433,16 @@ def train_and_evaluate(config, workdir: str) -> ts.TrainState:
         compiled = train_step.lower(states, dataset).compile()
         logging.info('Compiled the train step for %d slot(s) in %.1fs.', slots,
                      time.perf_counter() - t0)
-      feed = None
-      if streamed:
-        feed = Prefetcher(stream, spec.data_seed, spec.batch_size,
-                          jax.tree.leaves(dataset)[0].sharding, step, config.num_steps)
+      feed, trackers = None, tracking.Trackers([], ())
       try:
+        if streamed:
+          feed = Prefetcher(stream, spec.data_seed, spec.batch_size,
+                            jax.tree.leaves(dataset)[0].sharding, step, config.num_steps)
+        history = ([r for r in workdir_lib.read_metrics(metrics_path) if r.get('member') in ids]
+                   if primary and 'tensorboard' in tracker_names
+                   and os.path.exists(metrics_path) else [])
+        trackers = tracking.open_trackers(config, workdir, chunk_rows, step, primary=primary,
+                                          history=history)
         states, stopped = _train_chunk(config, compiled, states, feed or dataset, step,
                                        mngr, chunk_rows, metrics_path if primary else None,
                                        trackers, images)

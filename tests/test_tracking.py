@@ -71,7 +71,9 @@ def _same(a, b):
 @pytest.fixture(scope='session')  # once per worker: see conftest.py
 def tracked(tmp_path_factory):
   """The three-member test sweep trained in one go, and again with a crash after
-  its step-4 checkpoint (the log and TensorBoard had reached step 7) and a resume."""
+  its step-4 checkpoint (the log and TensorBoard had reached step 7) and a
+  resume; member 1 of the crashed run had lost its TensorBoard files
+  altogether (as a run trained before TensorBoard was on has none)."""
   root = tmp_path_factory.mktemp('tracked')
   config = load_config('test_sweep')
   config.keep_checkpoints = 3
@@ -96,6 +98,7 @@ def tracked(tmp_path_factory):
   train.train_and_evaluate(config, resumed)
   shutil.rmtree(os.path.join(resumed, 'checkpoints', 'chunk_000', '8'))
   before = {m: tb_scalars(acc) for m, acc in tb_runs(os.path.join(resumed, 'tb'))[1].items()}
+  shutil.rmtree(os.path.join(resumed, 'tb', 'member_001'))
   train.train_and_evaluate(config, resumed)
   return str(root), one_go, resumed, before
 
@@ -191,16 +194,21 @@ def test_a_resumed_sweep_has_the_uninterrupted_curves_point_for_point(tracked):
     ia, ib = tb_images(a[run]), tb_images(b[run])
     assert set(ia) == set(ib)
     for tag in ia:
-      assert [s for s, _ in ia[tag]] == [s for s, _ in ib[tag]] == [4, 8]
-      for (_, x), (_, y) in zip(ia[tag], ib[tag]):
+      # Member 1 lost its step-4 images with its files: the log has no images.
+      want = [8] if run == 'member_001' else [4, 8]
+      assert [s for s, _ in ib[tag]] == want and [s for s, _ in ia[tag]] == [4, 8]
+      for (s, x), (_, y) in zip(ia[tag][-len(want):], ib[tag]):
         np.testing.assert_array_equal(x, y)
-  # Two files per member (before and after the resume), no duplicate hparams.
+  # Two files per member (before and after the resume); member 1's lost steps
+  # 0-3 came back from metrics.jsonl into the new file. No duplicate hparams.
   for m in range(3):
     run_dir = os.path.join(resumed, 'tb', f'member_00{m}')
-    assert len(tracking.event_files(run_dir)) == 2
+    assert len(tracking.event_files(run_dir)) == (1 if m == 1 else 2)
   mux, _ = tb_runs(os.path.join(resumed, 'tb'))
-  acc = mux.GetAccumulator('member_000')
-  assert len(acc.Tensors('_hparams_/session_start_info')) == 1
+  for m in range(3):
+    acc = mux.GetAccumulator(f'member_00{m}')
+    assert len(acc.Tensors('_hparams_/session_start_info')) == 1
+  assert mux.GetAccumulator('member_001').Tensors('images/traversals')[0].step == 8
 
 
 def test_truncation_keeps_the_restored_steps_images_and_drops_later_scalars(tmp_path):
@@ -238,6 +246,31 @@ def test_a_bad_or_missing_tracker_is_refused_before_anything_is_written(
       ')', r'\)').replace('[', r'\[').replace(']', r'\]')):
     train.train_and_evaluate(config, workdir)
   assert not os.path.exists(workdir)
+
+
+def test_trackers_of_a_saved_config_take_the_command_line(tracked, tmp_path):
+  """config.json holds trackers as a JSON list; configs/from_workdir.py gives it
+  back as a tuple, so --config.trackers=a,b overrides it (a finished run: the
+  config is checked, then there is nothing to train)."""
+  import subprocess
+  import sys
+  from conftest import ROOT
+  _, one_go, _, _ = tracked
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(one_go, copy)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'capvae.main', f'--config=configs/from_workdir.py:{copy}',
+       f'--workdir={copy}', '--config.trackers=tensorboard,nope'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "config.trackers: 'nope' is unknown" in proc.stderr
+  proc = subprocess.run(
+      [sys.executable, '-m', 'capvae.main', f'--config=configs/from_workdir.py:{copy}',
+       f'--workdir={copy}', '--config.trackers=tensorboard,mlflow'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'nothing to do' in proc.stderr
+  assert workdir_lib.load_config(copy).trackers == ('tensorboard', 'mlflow')
 
 
 def test_the_command_lines_list_of_trackers_is_split():
