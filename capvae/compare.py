@@ -101,13 +101,8 @@ def _run_names(workdirs: Sequence[str]) -> list[str]:
 
 
 def _finite(v):
-  if v is None:
-    return math.nan
-  if isinstance(v, bool):
-    return v
-  if isinstance(v, (int, float)):
-    return v if not (isinstance(v, float) and math.isinf(v)) else v
-  return v
+  """A JSON value as a table cell: ``None`` (a value that was not finite) is NaN."""
+  return math.nan if v is None else v
 
 
 def _workdir_rows(workdir: str, run: str) -> list[dict[str, Any]]:
