@@ -235,8 +235,6 @@ LATER_FIELDS = {'dataset_split': 'train', 'data_shards': 1, 'init': 'lecun',
                 'trackers': ('tensorboard',), 'tracker_project': 'capvae',
                 'wandb_mode': 'offline', 'mlflow_uri': '', 'log_images': True,
                 **train_state.LATER_HPARAMS}
-# Fields whose value is a tuple (saved as a JSON list).
-TUPLE_FIELDS = ('trackers',)
 # Fields that runs were saved with and capvae no longer has: the value under
 # which a saved run is the same run without them, and what became of them.
 REMOVED_FIELDS = {
@@ -255,21 +253,22 @@ def normalize(config):
   entry point call it, so the rest of capvae reads every field directly."""
   missing = {k: v for k, v in LATER_FIELDS.items() if k not in config}
   removed = [k for k in REMOVED_FIELDS if k in config]
-  # config.json holds tuples as JSON lists; a list field would refuse the
-  # command line's --config.trackers=a,b.
-  listed = [k for k in TUPLE_FIELDS if isinstance(config.get(k), list)
-            or (isinstance(config.get(k), tuple) and any(',' in str(v) for v in config[k]))]
-  if missing or removed or listed:
+  # config.json holds trackers as a list, which would refuse the command
+  # line's --config.trackers=a,b; and that arrives as ('a,b',).
+  from capvae import tracking  # pylint: disable=g-import-not-at-top
+  trackers = config.get('trackers')
+  resplit = (isinstance(trackers, (list, tuple)) and
+             tracking.split_names(trackers) != trackers)
+  if missing or removed or resplit:
     unlocked = getattr(config, 'unlocked', None)
     with unlocked() if unlocked else contextlib.nullcontext():
       for k, v in missing.items():
         config[k] = v
       for k in removed:
         del config[k]
-      for k in listed:  # the command line's --config.trackers=a,b arrives as ('a,b',)
-        value = tuple(p.strip() for v in config[k] for p in str(v).split(',') if p.strip())
-        del config[k]
-        config[k] = value
+      if resplit:
+        del config['trackers']
+        config['trackers'] = tracking.split_names(trackers)
   return config
 
 

@@ -74,6 +74,12 @@ def member_run(member: int) -> str:
   return f'member_{member:03d}'
 
 
+def split_names(names) -> tuple[str, ...]:
+  """Tracker names as a tuple: the command line's ``--config.trackers=a,b``
+  arrives as ``('a,b',)``, and config.json holds a list."""
+  return tuple(p.strip() for n in names for p in str(n).split(',') if p.strip())
+
+
 def check(config) -> tuple[str, ...]:
   """``config.trackers`` as a tuple; refuses an unknown or uninstalled one
   (naming the extra that installs it) before anything is compiled."""
@@ -84,8 +90,7 @@ def check(config) -> tuple[str, ...]:
     raise ConfigError(f'config.trackers = {names!r}: must be a list of names from'
                       f' {", ".join(map(repr, TRACKERS))} (on the command line:'
                       ' --config.trackers=tensorboard,wandb).')
-  # The command line's --config.trackers=a,b arrives as ('a,b',).
-  names = tuple(p.strip() for n in names for p in n.split(',') if p.strip())
+  names = split_names(names)
   for n in names:
     if n not in TRACKERS:
       raise ConfigError(f'config.trackers: {n!r} is unknown; allowed:'
