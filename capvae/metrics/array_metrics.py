@@ -21,12 +21,15 @@ import math
 import warnings
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from sklearn import exceptions as sk_exceptions
-from sklearn import linear_model, svm
-from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
-from sklearn.metrics import roc_auc_score
-from sklearn.multiclass import OneVsRestClassifier
+
+# scikit-learn (about 2 s to import) is imported by the functions that fit its
+# estimators: training imports capvae.evaluate for its image draw, and a CLI
+# run that only trains should not pay for it.
+if TYPE_CHECKING:
+  from sklearn.multiclass import OneVsRestClassifier
 
 # disentanglement_lib's study settings (unsupervised_study_v1 metric configs).
 NUM_BINS = 20
@@ -296,6 +299,7 @@ def _importance_gbt(x_train, y_train, seed):
   # (100 stages of depth-3 regression trees per class, learning rate 0.1).
   # It passes no random_state; the seed only fixes the tie-breaking order of
   # features, so that repeated calls agree exactly.
+  from sklearn.ensemble import GradientBoostingClassifier  # pylint: disable=g-import-not-at-top
   model = GradientBoostingClassifier(random_state=seed)
   model.fit(x_train, y_train)
   return model, np.abs(model.feature_importances_)
@@ -315,6 +319,7 @@ FAST_MIN_SAMPLES_LEAF = 5
 
 
 def _importance_fast(x_train, y_train, seed):
+  from sklearn.ensemble import RandomForestClassifier  # pylint: disable=g-import-not-at-top
   model = RandomForestClassifier(n_estimators=FAST_NUM_TREES, max_depth=FAST_MAX_DEPTH,
                                  min_samples_leaf=FAST_MIN_SAMPLES_LEAF, max_features=None,
                                  random_state=seed)
@@ -490,6 +495,7 @@ def sap(codes_train: Any, factors_train: Any, codes_test: Any, factors_test: Any
   _require('codes_train', ctr.shape[1], 2, 'code dimensions (columns) for a gap')
   num_codes, num_factors = ctr.shape[1], ftr.shape[1]
   score = np.zeros((num_codes, num_factors))
+  from sklearn import exceptions as sk_exceptions, svm  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     # C=0.01 on one feature often stops at liblinear's iteration cap; the
     # reference ran with the same cap, so the warning carries no news.
@@ -547,8 +553,9 @@ def logistic_regression(seed: int) -> OneVsRestClassifier:
   moves (0.781 vs 0.784 on noisy codes). This builds the old default, so the
   numbers compare with the study's.
   """
-  return OneVsRestClassifier(linear_model.LogisticRegression(solver='liblinear',
-                                                             random_state=seed))
+  from sklearn import linear_model, multiclass  # pylint: disable=g-import-not-at-top
+  return multiclass.OneVsRestClassifier(linear_model.LogisticRegression(solver='liblinear',
+                                                                        random_state=seed))
 
 
 def _explicitness_one(x_train, y_train, x_test, y_test, seed) -> tuple[float, float]:
@@ -565,6 +572,7 @@ def _macro_auc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
   averaged; classes without both positives and negatives in ``y`` are left
   out (where the reference would fail on a column mismatch or an undefined AUC).
   """
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   aucs = []
   for c, cls in enumerate(classes):
     pos = y == cls
@@ -612,6 +620,7 @@ def modularity_explicitness(codes_train: Any, factors_train: Any, codes_test: An
   num_factors = ftr.shape[1]
   e_train = np.full(num_factors, np.nan)
   e_test = np.full(num_factors, np.nan)
+  from sklearn import exceptions as sk_exceptions  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     # The reference fits with the default iteration cap as well.
     warnings.simplefilter('ignore', sk_exceptions.ConvergenceWarning)

@@ -26,7 +26,6 @@ import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
-from sklearn import exceptions as sk_exceptions
 
 from capvae.metrics import array_metrics as am
 
@@ -263,6 +262,7 @@ def beta_vae_score(codes_fn: CodesFn, factor_sizes: Sequence[int], seed: int,
   if np.unique(y_train).size < 2:
     # Too few points to see two factors: predict the one seen.
     return {'train_accuracy': 1.0, 'eval_accuracy': float(np.mean(y_eval == y_train[0]))}
+  from sklearn import exceptions as sk_exceptions  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', sk_exceptions.ConvergenceWarning)
     model = am.logistic_regression(seed).fit(x_train, y_train)
