@@ -29,11 +29,12 @@ SUBCOMMANDS = {
               '--config=FILE[:ARG] --workdir=DIR [--config.FIELD=VALUE ...]',
               ('config', 'workdir', 'coordinator_address', 'num_processes', 'process_id')),
     'evaluate': ('capvae.main', 'score every member of a workdir into WORKDIR/eval.json',
-                 '--workdir=DIR [--eval_scale=S] [--dci_estimator=fast|gbt]',
-                 ('workdir', 'eval_scale', 'dci_estimator', 'eval_seed')),
+                 '--workdir=DIR [--eval_scale=S] [--eval_sizes=KEY=N,...]'
+                 ' [--dci_estimator=fast|gbt]',
+                 ('workdir', 'eval_scale', 'eval_sizes', 'dci_estimator', 'eval_seed')),
     'report': ('capvae.main', 'figures and WORKDIR/report/index.html (evaluating first if'
-               ' needed)', '--workdir=DIR [--eval_scale=S]',
-               ('workdir', 'eval_scale', 'dci_estimator', 'eval_seed')),
+               ' needed)', '--workdir=DIR [--eval_scale=S] [--eval_sizes=KEY=N,...]',
+               ('workdir', 'eval_scale', 'eval_sizes', 'dci_estimator', 'eval_seed')),
     'extract': ('capvae.extract', 'pull one member of a sweep out as a stand-alone run',
                 '--workdir=DIR --member=N --out=DIR [--step=STEP]',
                 ('workdir', 'member', 'out', 'step')),

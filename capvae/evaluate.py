@@ -55,6 +55,10 @@ NUM_HELDOUT = 10_000
 # shrinks it below the whole grid.
 INFO_QUERIES = 1000
 INFO_MIN_IMAGES = 10_000
+# The sample sizes a caller may set (--eval_sizes, or evaluate's ``sizes``):
+# the metrics' (capvae.metrics.DEFAULT_SIZES) and the images of I(x; z).
+INFO_IMAGES_KEY = 'information_images'
+SIZE_KEYS = (*metrics.DEFAULT_SIZES, INFO_IMAGES_KEY)
 # The headline number of each metric (keys of metrics.evaluate_all's scores).
 HEADLINE = {
     'beta_vae': 'beta_vae.eval_accuracy',
@@ -226,11 +230,15 @@ def draw_images(dataset, key: jax.Array, n: int, seed: int = 0) -> jax.Array:
   return dataset.render(dataset.sample_factors(key, n))
 
 
-def information_images(num_examples: int, scale: float, seed: int) -> np.ndarray:
-  """Flat grid indices of the images I(x; z) is computed over: the whole grid
-  at ``scale`` 1, else a random subset of ``max(INFO_MIN_IMAGES, scale·N)``."""
+def information_images(num_examples: int, scale: float, seed: int,
+                       size: int | None = None) -> np.ndarray:
+  """Flat grid indices of the images I(x; z) is computed over: ``size`` of
+  them when given, else the whole grid at ``scale`` 1, else a random subset of
+  ``max(INFO_MIN_IMAGES, scale·N)``."""
   n = num_examples
-  size = n if scale >= 1 else min(n, max(INFO_MIN_IMAGES, round(n * scale)))
+  if size is None:
+    size = n if scale >= 1 else max(INFO_MIN_IMAGES, round(n * scale))
+  size = min(n, size)
   return np.sort(np.random.default_rng([seed, 7]).choice(n, size, replace=False))
 
 
@@ -260,6 +268,45 @@ def check_settings(scale: float, dci_estimator: str, seed: int) -> None:
     raise ConfigError(f'--eval_seed={seed}: must be >= 0.')
 
 
+def parse_sizes(text: str) -> dict[str, int]:
+  """``--eval_sizes``: ``'key=N,key=N'`` → ``{key: N}``, keys of :data:`SIZE_KEYS`
+  (checked here; the values by :func:`check_sizes`)."""
+  out = {}
+  for part in (p.strip() for p in text.split(',')):
+    if not part:
+      continue
+    key, eq, value = (x.strip() for x in part.partition('='))
+    if not eq:
+      raise ConfigError(f'--eval_sizes: {part!r} is not KEY=N (e.g. --eval_sizes='
+                        f'{INFO_IMAGES_KEY}=2000,num_train=500).')
+    try:
+      out[key] = int(value)
+    except ValueError:
+      raise ConfigError(f'--eval_sizes: {key}={value!r} is not a whole number.') from None
+  check_sizes(out)
+  return out
+
+
+def check_sizes(sizes: dict[str, Any] | None, scale: float = 1.0
+                ) -> tuple[dict[str, int], int | None]:
+  """``(metric sample sizes, images of I(x; z) or None for the default)``:
+  disentanglement_lib's sizes times ``scale``, then ``sizes``' overrides."""
+  sizes = dict(sizes or {})
+  unknown = sorted(set(sizes) - set(SIZE_KEYS))
+  if unknown:
+    raise ConfigError(f'--eval_sizes: unknown sample size(s) {unknown}; allowed:'
+                      f' {", ".join(SIZE_KEYS)}.')
+  info = sizes.pop(INFO_IMAGES_KEY, None)
+  if info is not None and (isinstance(info, bool) or not isinstance(info, (int, np.integer))
+                           or info < 2):
+    raise ConfigError(f'--eval_sizes: {INFO_IMAGES_KEY}={info!r} must be an integer >= 2.')
+  try:
+    merged = metrics.check_sizes({**metrics.default_sizes(scale), **sizes})
+  except ValueError as e:
+    raise ConfigError(f'--eval_sizes: {e}') from None
+  return merged, None if info is None else int(info)
+
+
 def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
              seed: int = 0, step: int | None = None,
              sizes: dict[str, int] | None = None) -> dict[str, Any]:
@@ -271,11 +318,12 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
     dci_estimator: ``'fast'`` or ``'gbt'`` (see :func:`capvae.metrics.dci`).
     seed: seed of every metric's draws (same seed, same numbers).
     step: checkpoint step (default: the latest).
-    sizes: overrides of single sample sizes (keys of
-      :data:`capvae.metrics.DEFAULT_SIZES`), applied after ``scale``.
+    sizes: overrides of single sample sizes, applied after ``scale``: keys of
+      :data:`capvae.metrics.DEFAULT_SIZES`, and ``'information_images'``, the
+      images I(x; z) is estimated over (:func:`information_images`).
   """
   check_settings(scale, dci_estimator, seed)
-  sizes = metrics.check_sizes({**metrics.default_sizes(scale), **(sizes or {})})
+  sizes, info_images = check_sizes(sizes, scale)
   t0 = time.perf_counter()
   run = workdir_lib.Members(workdir, step)
   dataset = run.dataset
@@ -292,7 +340,7 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
                  run.config.dataset)
   grid = GridCodes(run.model, dataset, run.states.params) if has_factors else None
   if has_factors:
-    info_flat = information_images(dataset.num_examples, scale, seed)
+    info_flat = information_images(dataset.num_examples, scale, seed, info_images)
     info_queries = max(100, round(INFO_QUERIES * scale))
   records = []
   for m, row in progress.iterate(enumerate(run.rows), len(run.rows), 'evaluate', 'member'):
@@ -339,7 +387,8 @@ def evaluate(workdir: str, *, scale: float = 1.0, dci_estimator: str = 'fast',
       'factor_names': list(dataset.factor_names),
       'factor_sizes': list(dataset.factor_sizes),
       'settings': {'scale': scale, 'dci_estimator': dci_estimator, 'seed': seed,
-                   'active_kl': ACTIVE_KL, 'num_heldout': num_heldout, **sizes},
+                   'active_kl': ACTIVE_KL, 'num_heldout': num_heldout, **sizes,
+                   INFO_IMAGES_KEY: int(info_flat.size) if has_factors else None},
       'has_factors': bool(has_factors),
       'encoded_images_per_member': grid.encoded if grid else 0,
       'encode_seconds': grid.seconds if grid else 0.0,

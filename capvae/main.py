@@ -59,6 +59,11 @@ flags.DEFINE_string('dci_estimator', 'fast',
                     'evaluate/report: DCI importances from \'gbt\' (gradient-boosted trees,'
                     ' the reference; slow) or \'fast\' (see capvae/metrics).')
 flags.DEFINE_integer('eval_seed', 0, 'evaluate/report: seed of the metric samples.')
+flags.DEFINE_string('eval_sizes', '',
+                    'evaluate/report: single sample sizes set after --eval_scale, as'
+                    ' KEY=N,KEY=N; keys: the metrics\' (beta_vae_batch_size, num_train, ...'
+                    ' as in capvae.metrics.DEFAULT_SIZES) and information_images (the'
+                    ' images of I(x;z); default max(10000, scale x grid)).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -178,12 +183,14 @@ def main(argv):
     elif FLAGS.mode == 'evaluate':
       from capvae import evaluate  # pylint: disable=g-import-not-at-top
       evaluate.evaluate(FLAGS.workdir, scale=FLAGS.eval_scale,
-                        dci_estimator=FLAGS.dci_estimator, seed=FLAGS.eval_seed)
+                        dci_estimator=FLAGS.dci_estimator, seed=FLAGS.eval_seed,
+                        sizes=evaluate.parse_sizes(FLAGS.eval_sizes))
       print(f'wrote {os.path.join(FLAGS.workdir, evaluate.EVAL_FILE)}')
     else:
-      from capvae import report  # pylint: disable=g-import-not-at-top
+      from capvae import evaluate, report  # pylint: disable=g-import-not-at-top
       path = report.write_report(FLAGS.workdir, eval_scale=FLAGS.eval_scale,
-                                 dci_estimator=FLAGS.dci_estimator, seed=FLAGS.eval_seed)
+                                 dci_estimator=FLAGS.dci_estimator, seed=FLAGS.eval_seed,
+                                 sizes=evaluate.parse_sizes(FLAGS.eval_sizes))
       print(f'wrote {path}')
   except ConfigError as e:
     _fail(str(e))

@@ -359,6 +359,7 @@ def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 
   otherwise :func:`capvae.evaluate.evaluate` runs first with these settings.
   """
   evaluate.check_settings(eval_scale, dci_estimator, seed)
+  evaluate.check_sizes(sizes, eval_scale)
   rows = read_metrics(workdir)
   run = workdir_lib.Members(workdir)
   result = evaluate.load(workdir)

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.xdist_group('test_cli')
 BIN = os.path.dirname(sys.executable)
 CAPVAE = os.path.join(BIN, 'capvae')
 SHORT_TRAIN = ['--config.num_steps=2', '--config.checkpoint_every=2', '--config.log_every=1']
-SHORT_EVAL = ['--eval_scale=0.002']
+SHORT_EVAL = ['--eval_scale=0.002', '--eval_sizes=information_images=500']
 LONG_MAKE_TARGETS = {'sweep', 'answer', 'bench', 'bench-step', 'bench-device', 'test'}
 
 

@@ -404,7 +404,8 @@ def test_new_objective_configs_train_through_the_cli(config, extra, term, tmp_pa
   flags = [f'--config.{k}={v}' for k, v in {**small, **extra}.items()]
   modes = [('train', ['--config', f'configs/{config}', *flags])]
   if config == 'factor_vae.py':  # the report evaluates (eval.json) and draws its terms
-    modes += [('report', ['--eval_scale=0.002'])]
+    modes += [('report', ['--eval_scale=0.002', '--eval_sizes=information_images=500,'
+                                                   'beta_vae_batch_size=8,factor_vae_batch_size=8'])]
   for mode, more in modes:
     proc = subprocess.run(
         [sys.executable, '-m', 'capvae.main', f'--mode={mode}', '--workdir', workdir, *more],
@@ -416,8 +417,14 @@ def test_new_objective_configs_train_through_the_cli(config, extra, term, tmp_pa
   if config != 'factor_vae.py':
     return
   with open(os.path.join(workdir, 'eval.json')) as f:
-    terms = json.load(f)['members'][0]['objective_terms']
+    result = json.load(f)
+  terms = result['members'][0]['objective_terms']
   assert np.isfinite(terms[term]), terms
+  # --eval_sizes reached the evaluation; the other sizes are the scale's.
+  settings = result['settings']
+  assert (settings['information_images'], settings['beta_vae_batch_size'],
+          settings['factor_vae_batch_size'], settings['num_train']) == (500, 8, 8, 20)
+  assert result['members'][0]['information']['num_images'] == 500
   if config == 'factor_vae.py':
     assert os.path.getsize(os.path.join(workdir, 'report', 'objective_terms.png')) > 5000
     with open(os.path.join(workdir, 'report', 'index.html')) as f:

@@ -19,7 +19,9 @@ from conftest import ROOT, load_config
 pytestmark = pytest.mark.xdist_group('test_report')
 
 SCALE = 0.01  # 1% of disentanglement_lib's sample sizes: seconds, not minutes
-SIZES = dict(beta_vae_batch_size=8, factor_vae_batch_size=8)
+# I(x; z) over 2,000 images, not 10,000: each member's own encoding of them is
+# recomputed below.
+SIZES = dict(beta_vae_batch_size=8, factor_vae_batch_size=8, information_images=2000)
 
 
 @pytest.fixture(scope='session')  # once per worker: see conftest.py
@@ -132,8 +134,12 @@ def test_heldout_kl_matches_a_direct_computation(sweep_dir):
 def test_information_is_that_of_each_members_own_posteriors(sweep_dir):
   result = _eval(sweep_dir)
   run = workdir_lib.Members(sweep_dir)
-  flat = evaluate.information_images(run.dataset.num_examples, SCALE, seed=0)
-  assert flat.size == evaluate.INFO_MIN_IMAGES == len(np.unique(flat))
+  flat = evaluate.information_images(run.dataset.num_examples, SCALE, seed=0,
+                                     size=SIZES['information_images'])
+  assert flat.size == result['settings']['information_images'] == 2000 == len(np.unique(flat))
+  # Without the override: 10,000 images at this scale, the first 2,000 not a prefix.
+  default = evaluate.information_images(run.dataset.num_examples, SCALE, seed=0)
+  assert default.size == evaluate.INFO_MIN_IMAGES and not np.isin(default, flat).all()
   factors = np.stack(np.unravel_index(flat, run.dataset.factor_sizes), 1).astype(np.int32)
   render = jax.jit(run.dataset.render)
   encode = _apply(run, models.VAE.encode)
@@ -259,7 +265,11 @@ def test_cli_refuses_bad_evaluation_input_before_writing(sweep_dir, tmp_path):
   assert not os.path.exists(missing)
   before = {n: os.stat(os.path.join(sweep_dir, n)).st_mtime_ns for n in os.listdir(sweep_dir)}
   for flag, message in [('--eval_scale=0', '--eval_scale=0.0: must be in (0, 1]'),
-                        ('--dci_estimator=svm', "--dci_estimator='svm' is unknown")]:
+                        ('--dci_estimator=svm', "--dci_estimator='svm' is unknown"),
+                        ('--eval_sizes=num_trian=5', "unknown sample size(s) ['num_trian']"),
+                        ('--eval_sizes=information_images=1', 'information_images=1 must be'),
+                        ('--eval_sizes=num_train=0', "sizes['num_train']"),
+                        ('--eval_sizes=num_train', "'num_train' is not KEY=N")]:
     proc = _cli('--mode=report', f'--workdir={sweep_dir}', flag)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
   after = {n: os.stat(os.path.join(sweep_dir, n)).st_mtime_ns for n in os.listdir(sweep_dir)}

@@ -221,7 +221,8 @@ def test_trains_through_the_cli_and_the_metrics_run_on_it(tmp_path):
       cwd=root, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = evaluate.evaluate(workdir, scale=0.002, seed=0,
-                             sizes=dict(beta_vae_batch_size=4, factor_vae_batch_size=4))
+                             sizes=dict(beta_vae_batch_size=4, factor_vae_batch_size=4,
+                                        information_images=1000))
   assert result['factor_names'] == list(shapes3d.FACTOR_NAMES)
   assert result['factor_sizes'] == [10, 10, 10, 8, 4, 15]
   rec = result['members'][0]
