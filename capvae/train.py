@@ -304,13 +304,37 @@ def build_program(model, spec: StepSpec, dataset, mesh, member_loop: str):
   ``dataset`` is replicated on every device.
   """
   P = jax.sharding.PartitionSpec
-  member = jax.sharding.NamedSharding(mesh, P('member'))
   dataset = jax.device_put(dataset, jax.sharding.NamedSharding(mesh, P()))
-  init = jax.jit(lambda h: init_states(model, h, dataset.observation_shape, spec),
-                 out_shardings=member)
-  train_step = jax.jit(make_train_step(model, spec, member_loop, mesh),
-                       donate_argnums=0)
+  init, train_step = _jitted_program(model, spec, tuple(dataset.observation_shape), mesh,
+                                     member_loop)
   return init, train_step, dataset
+
+
+# The jitted functions of the runs of this process, by the static choices they
+# close over (all hashable, compared by value). JAX keeps a jitted function's
+# traces and compiled executables, so a later run with the same choices (the
+# next run of an experiment's grid, a run resumed in the same process, a
+# notebook's second run) starts without tracing or compiling its step again.
+# Hyperparameter values are traced, so a sweep's values never enter the key.
+PROGRAM_CACHE_SIZE = 8
+
+
+@functools.lru_cache(maxsize=PROGRAM_CACHE_SIZE)
+def _jitted_program(model, spec: StepSpec, observation_shape, mesh, member_loop: str):
+  member = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('member'))
+  init = jax.jit(lambda h: init_states(model, h, observation_shape, spec),
+                 out_shardings=member)
+  train_step = jax.jit(make_train_step(model, spec, member_loop, mesh), donate_argnums=0)
+  return init, train_step
+
+
+@functools.lru_cache(maxsize=PROGRAM_CACHE_SIZE)
+def _jitted_images(model, reconstruction: str):
+  """Every member's decodings of ``x`` (traversals of latents ``order``, and
+  reconstructions): :func:`capvae.models.decoded_images` over the member axis."""
+  return jax.jit(jax.vmap(
+      lambda p, x, order: models.decoded_images(model, p, x, order, reconstruction),
+      in_axes=(0, None, None)))
 
 
 def make_images_fn(model, dataset, reconstruction: str, latent_size: int, num_inputs: int = 8):
@@ -321,12 +345,11 @@ def make_images_fn(model, dataset, reconstruction: str, latent_size: int, num_in
   from capvae import evaluate  # pylint: disable=g-import-not-at-top
   x = evaluate.draw_images(dataset, jax.random.key(1), num_inputs)
   order = jnp.arange(latent_size, dtype=jnp.int32)
-  decode = jax.jit(jax.vmap(
-      lambda p: models.decoded_images(model, p, x, order, reconstruction)))
+  decode = _jitted_images(model, reconstruction)
   inputs = np.asarray(x)
 
   def images(states, rows):
-    pics, recons = parallel.fetch(decode(states.params))
+    pics, recons = parallel.fetch(decode(states.params, x, order))
     values = len(models.TRAVERSAL_VALUES)
     return {row['member']: tracking.checkpoint_images(
         np.asarray(pics[i]).reshape(latent_size, values, *pics.shape[2:]), inputs,

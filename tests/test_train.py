@@ -294,6 +294,45 @@ def test_hyperparameter_values_do_not_recompile():
   assert init._cache_size() == 1
 
 
+def test_runs_with_the_same_static_choices_share_one_compiled_step(tmp_path):
+  """A second run in the process with other hyperparameter values (and its
+  resume) reuses the first run's jitted step: the step is compiled once, and
+  the runs end bitwise where the same run on a program of its own ends.
+  Another objective gets a program of its own."""
+  from jax._src import dispatch, monitoring  # pylint: disable=g-import-not-at-top
+  compiled = []
+  def listen(event, _, fun_name='', **__):
+    if event == dispatch.BACKEND_COMPILE_EVENT:
+      compiled.append(fun_name)
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    config = load_config('test')
+    config.num_steps, config.trackers = 2, ()
+    train._jitted_program.cache_clear()  # pylint: disable=protected-access
+    train.train_and_evaluate(config, str(tmp_path / 'a'))
+    steps_compiled = compiled.count('jit(local_step)')
+    other = load_config('test')
+    other.num_steps, other.trackers, other.gamma, other.seed = 2, (), 7.0, 3
+    first_leg = train.train_and_evaluate(other, str(tmp_path / 'b'))
+    other.num_steps = 4
+    resumed = train.train_and_evaluate(other, str(tmp_path / 'b'))
+    assert steps_compiled == 1 and compiled.count('jit(local_step)') == 1, compiled
+    info = train._jitted_program.cache_info()  # pylint: disable=protected-access
+    assert (info.misses, info.hits) == (1, 2)
+    # The same four steps on a program of their own.
+    train._jitted_program.cache_clear()  # pylint: disable=protected-access
+    fresh = train.train_and_evaluate(other, str(tmp_path / 'c'))
+    assert compiled.count('jit(local_step)') == 2
+    other.objective = 'beta'
+    train.train_and_evaluate(other, str(tmp_path / 'd'))
+    assert compiled.count('jit(local_step)') == 3
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+  assert int(first_leg.step[0]) == 2 and int(resumed.step[0]) == 4
+  for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_a_run_saved_before_later_fields_resumes(tmp_path):
   """A workdir whose config.json predates the fields of ``LATER_FIELDS`` (and
   still has the removed ``microbatch_size``) resumes with today's config, and
