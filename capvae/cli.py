@@ -33,7 +33,7 @@ SUBCOMMANDS = {
                  ' [--dci_estimator=fast|gbt]',
                  ('workdir', 'eval_scale', 'eval_sizes', 'dci_estimator', 'eval_seed')),
     'report': ('capvae.main', 'figures and WORKDIR/report/index.html (evaluating first if'
-               ' needed)', '--workdir=DIR [--eval_scale=S] [--eval_sizes=KEY=N,...]',
+               ' eval.json is missing, stale or made with other settings than those given)', '--workdir=DIR [--eval_scale=S] [--eval_sizes=KEY=N,...]',
                ('workdir', 'eval_scale', 'eval_sizes', 'dci_estimator', 'eval_seed')),
     'extract': ('capvae.extract', 'pull one member of a sweep out as a stand-alone run',
                 '--workdir=DIR --member=N --out=DIR [--step=STEP]',

@@ -39,7 +39,9 @@ MODES = ('train', 'evaluate', 'report')
 flags.DEFINE_enum('mode', 'train', MODES,
                   'train: train (or resume) the config in --workdir; evaluate: metrics of'
                   ' every member into WORKDIR/eval.json; report: figures and'
-                  ' WORKDIR/report/index.html (evaluating first if needed).')
+                  ' WORKDIR/report/index.html (evaluating first unless eval.json is of the'
+                  ' latest checkpoint and made with the --eval_* and --dci_estimator'
+                  ' flags given).')
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and the report.')
 config_flags.DEFINE_config_file(
     'config', None, 'Training configuration file (a get_config() module).',
@@ -188,8 +190,10 @@ def main(argv):
       print(f'wrote {os.path.join(FLAGS.workdir, evaluate.EVAL_FILE)}')
     else:
       from capvae import evaluate, report  # pylint: disable=g-import-not-at-top
-      path = report.write_report(FLAGS.workdir, eval_scale=FLAGS.eval_scale,
-                                 dci_estimator=FLAGS.dci_estimator, seed=FLAGS.eval_seed,
+      # Settings not on the command line: whatever eval.json was made with.
+      given = lambda name: FLAGS[name].value if FLAGS[name].present else None
+      path = report.write_report(FLAGS.workdir, eval_scale=given('eval_scale'),
+                                 dci_estimator=given('dci_estimator'), seed=given('eval_seed'),
                                  sizes=evaluate.parse_sizes(FLAGS.eval_sizes))
       print(f'wrote {path}')
   except ConfigError as e:

@@ -31,6 +31,7 @@ import math
 import os
 from typing import Any, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -351,21 +352,50 @@ TERM_TITLES = {
 }
 
 
-def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 'fast',
-                 seed: int = 0, sizes: dict[str, int] | None = None) -> str:
+def _why_evaluate(result, run, wanted: dict[str, Any]) -> str | None:
+  """Why ``result`` (``eval.json`` or None) cannot serve the report of ``run``
+  asked for with settings ``wanted``; None if it can."""
+  if result is None:
+    return f'no {evaluate.EVAL_FILE} yet'
+  if result.get('step') != run.step or len(result['members']) != run.num_members:
+    return (f'{evaluate.EVAL_FILE} is of step {result.get("step")} with'
+            f' {len(result["members"])} member(s), the run is at step {run.step} with'
+            f' {run.num_members}')
+  made = result.get('settings', {})
+  differ = {k: (made.get(k), v) for k, v in wanted.items() if made.get(k) != v}
+  if differ:
+    return f'{evaluate.EVAL_FILE} was made with ' + ', '.join(
+        f'{k}={old!r}, not {new!r}' for k, (old, new) in differ.items())
+  return None
+
+
+def write_report(workdir: str, *, eval_scale: float | None = None,
+                 dci_estimator: str | None = None, seed: int | None = None,
+                 sizes: dict[str, int] | None = None) -> str:
   """Writes ``report/`` (figures and ``index.html``) for ``workdir``; returns the page path.
 
-  ``eval.json`` is reused when it holds every member at the latest checkpoint;
-  otherwise :func:`capvae.evaluate.evaluate` runs first with these settings.
+  ``eval.json`` is reused when it holds every member at the latest checkpoint
+  and was made with every setting given here (``None``, or a size not given:
+  whatever it was made with). Otherwise :func:`capvae.evaluate.evaluate` runs
+  first, with the settings given and the defaults for the others (scale 1,
+  DCI ``'fast'``, seed 0).
   """
-  evaluate.check_settings(eval_scale, dci_estimator, seed)
-  evaluate.check_sizes(sizes, eval_scale)
+  given = {'scale': eval_scale, 'dci_estimator': dci_estimator, 'seed': seed}
+  settings = {'scale': 1.0, 'dci_estimator': 'fast', 'seed': 0,
+              **{k: v for k, v in given.items() if v is not None}}
+  evaluate.check_settings(settings['scale'], settings['dci_estimator'], settings['seed'])
+  evaluate.check_sizes(sizes, settings['scale'])
   rows = read_metrics(workdir)
   run = workdir_lib.Members(workdir)
   result = evaluate.load(workdir)
-  if result is None or result.get('step') != run.step or len(result['members']) != run.num_members:
-    result = evaluate.evaluate(workdir, scale=eval_scale, dci_estimator=dci_estimator,
-                               seed=seed, sizes=sizes)
+  why = _why_evaluate(result, run, {**{k: v for k, v in given.items() if v is not None},
+                                    **(sizes or {})})
+  if why:
+    logging.info('Evaluating first: %s.', why)
+    result = evaluate.evaluate(workdir, scale=settings['scale'],
+                               dci_estimator=settings['dci_estimator'], seed=settings['seed'],
+                               sizes=sizes)
+  image_seed = result.get('settings', {}).get('seed', settings['seed'])  # the evaluation's
   records = result['members']
   out_dir = os.path.join(workdir, REPORT_DIR)
   os.makedirs(out_dir, exist_ok=True)
@@ -470,7 +500,7 @@ def write_report(workdir: str, *, eval_scale: float = 1.0, dci_estimator: str = 
     parts.append(_img(data, 'Per-latent KL (batch means) over training'
                       + (', C(t) dashed' if capacity else '') + '; legend ordered by final KL.'))
     order = list(np.argsort(-np.asarray(r['kl_per_latent'])))
-    pics, inputs, recons = model_images(run, m, order, seed=seed)
+    pics, inputs, recons = model_images(run, m, order, seed=image_seed)
     data = _png(fig_traversals(pics, order, [r['kl_per_latent'][j] for j in order],
                                f'{label}: traversals'),
                 os.path.join(out_dir, f'traversals_m{m:03d}.png'))

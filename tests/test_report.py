@@ -224,6 +224,34 @@ def test_report_re_evaluates_when_eval_json_is_stale(sweep_report, sweep_dir):
   assert result['step'] == 8 and 'stale' not in result
 
 
+def test_report_evaluates_again_only_for_settings_other_than_eval_jsons(
+    sweep_report, sweep_dir, tmp_path):
+  """eval.json serves the report when the settings asked for are those it was
+  made with (settings not asked for: any); on the command line, a flag not
+  given is not asked for."""
+  result, run = _eval(sweep_dir), workdir_lib.Members(sweep_dir)
+  why = lambda wanted, r=result: report._why_evaluate(r, run, wanted)  # pylint: disable=protected-access
+  assert why({}) is None and why({'scale': SCALE, 'seed': 0, **SIZES}) is None
+  assert why({'dci_estimator': 'gbt'}) == "eval.json was made with dci_estimator='fast', not 'gbt'"
+  assert 'information_images=2000, not 1000' in why({'information_images': 1000})
+  assert 'scale=0.01, not 1.0' in why({'scale': 1.0})
+  assert 'of step 4' in why({}, dict(result, step=4))
+  assert why({}, None) == 'no eval.json yet'
+  # The command line: --eval_seed and --dci_estimator as made, --eval_scale not
+  # given (its default, 1, is not what eval.json was made with): reused.
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(sweep_dir, copy)
+  with open(os.path.join(copy, evaluate.EVAL_FILE), 'rb') as f:
+    before = f.read()
+  proc = _cli('--mode=report', f'--workdir={copy}', '--eval_seed=0', '--dci_estimator=fast')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert 'Evaluating first' not in proc.stderr
+  with open(os.path.join(copy, evaluate.EVAL_FILE), 'rb') as f:
+    assert f.read() == before
+  assert os.path.getmtime(os.path.join(copy, 'report', 'index.html')) > os.path.getmtime(
+      sweep_report)
+
+
 def _chromium():
   for name in ('chromium', 'chromium-browser', 'google-chrome'):
     if shutil.which(name):
