@@ -388,8 +388,13 @@ def write_report(workdir: str, *, eval_scale: float | None = None,
   rows = read_metrics(workdir)
   run = workdir_lib.Members(workdir)
   result = evaluate.load(workdir)
-  why = _why_evaluate(result, run, {**{k: v for k, v in given.items() if v is not None},
-                                    **(sizes or {})})
+  wanted = {**{k: v for k, v in given.items() if v is not None}, **(sizes or {})}
+  if evaluate.INFO_IMAGES_KEY in wanted:  # as evaluate records it: at most the grid
+    wanted[evaluate.INFO_IMAGES_KEY] = min(wanted[evaluate.INFO_IMAGES_KEY],
+                                           run.dataset.num_examples)
+    if result is not None and not result.get('has_factors', True):
+      del wanted[evaluate.INFO_IMAGES_KEY]  # no grid, no I(x; z): nothing to compare
+  why = _why_evaluate(result, run, wanted)
   if why:
     logging.info('Evaluating first: %s.', why)
     result = evaluate.evaluate(workdir, scale=settings['scale'],

@@ -250,6 +250,17 @@ def test_report_evaluates_again_only_for_settings_other_than_eval_jsons(
     assert f.read() == before
   assert os.path.getmtime(os.path.join(copy, 'report', 'index.html')) > os.path.getmtime(
       sweep_report)
+  # More of I(x; z)'s images than the grid has: the whole grid, which is what
+  # eval.json records; an evaluation over the whole grid serves that request.
+  whole = dict(result, settings=dict(result['settings'],
+                                     information_images=run.dataset.num_examples))
+  with open(os.path.join(copy, evaluate.EVAL_FILE), 'w') as f:
+    json.dump(whole, f)
+  with open(os.path.join(copy, evaluate.EVAL_FILE), 'rb') as f:
+    before = f.read()
+  report.write_report(copy, sizes={'information_images': 10**7})
+  with open(os.path.join(copy, evaluate.EVAL_FILE), 'rb') as f:
+    assert f.read() == before
 
 
 def _chromium():
