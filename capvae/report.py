@@ -380,15 +380,15 @@ def write_report(workdir: str, *, eval_scale: float | None = None,
   first, with the settings given and the defaults for the others (scale 1,
   DCI ``'fast'``, seed 0).
   """
-  given = {'scale': eval_scale, 'dci_estimator': dci_estimator, 'seed': seed}
-  settings = {'scale': 1.0, 'dci_estimator': 'fast', 'seed': 0,
-              **{k: v for k, v in given.items() if v is not None}}
+  given = {k: v for k, v in {'scale': eval_scale, 'dci_estimator': dci_estimator,
+                              'seed': seed}.items() if v is not None}
+  settings = {'scale': 1.0, 'dci_estimator': 'fast', 'seed': 0, **given}
   evaluate.check_settings(settings['scale'], settings['dci_estimator'], settings['seed'])
   evaluate.check_sizes(sizes, settings['scale'])
   rows = read_metrics(workdir)
   run = workdir_lib.Members(workdir)
   result = evaluate.load(workdir)
-  wanted = {**{k: v for k, v in given.items() if v is not None}, **(sizes or {})}
+  wanted = {**given, **(sizes or {})}
   if evaluate.INFO_IMAGES_KEY in wanted:  # as evaluate records it: at most the grid
     wanted[evaluate.INFO_IMAGES_KEY] = min(wanted[evaluate.INFO_IMAGES_KEY],
                                            run.dataset.num_examples)
